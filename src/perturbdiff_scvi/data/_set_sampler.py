@@ -1,0 +1,71 @@
+"""SetBatchSampler: yields one flat list of rows per step, laid out ``[P1, C1, P2, C2, ...]``."""
+
+from __future__ import annotations
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from ._grouping import CellGroups
+
+
+class SetBatchSampler(Sampler[list[int]]):
+    """Sets of ``set_size`` cells of one group, each followed by ``set_size`` matched control cells.
+
+    One epoch follows the released pipeline: shuffle each group, pad it to a multiple of ``set_size``
+    by re-sampling its own cells, cut it into sets, shuffle all sets and serve ``sets_per_batch`` per
+    step. Controls are drawn uniformly with replacement from the group's pool, afresh every time.
+
+    Parameters
+    ----------
+    groups
+        Target groups and control pools (row positions of the dataset).
+    set_size
+        Cells per set ``S``.
+    sets_per_batch
+        Sets per optimisation step ``B``.
+    seed
+        Base seed; epoch ``e`` uses ``seed + e`` (``None``: fresh entropy each epoch).
+    fixed
+        Replay the same epoch every time (for a comparable validation loss).
+    """
+
+    def __init__(self, groups: CellGroups, set_size: int, sets_per_batch: int, seed: int | None = None,
+                 fixed: bool = False):
+        if set_size < 1 or sets_per_batch < 1:
+            raise ValueError(f"set_size and sets_per_batch must be >= 1; got {set_size} and {sets_per_batch}.")
+        self.groups = groups
+        self.set_size = set_size
+        self.sets_per_batch = sets_per_batch
+        self.seed = seed
+        self.fixed = fixed
+        self._epoch = 0
+        self.n_sets = int(sum(-(-len(m) // set_size) for m in groups.members.values()))
+
+    def __len__(self) -> int:
+        return -(-self.n_sets // self.sets_per_batch)
+
+    def _rng(self) -> np.random.Generator:
+        if self.seed is None:
+            return np.random.default_rng()
+        return np.random.default_rng(self.seed + (0 if self.fixed else self._epoch))
+
+    def epoch_sets(self, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+        """All (perturbed set, control set) row pairs of one epoch, in serving order."""
+        s = self.set_size
+        sets = []
+        for key, members in self.groups.members.items():
+            rows = rng.permutation(members)
+            pad = (-len(rows)) % s
+            if pad:
+                rows = np.concatenate([rows, rng.choice(members, pad, replace=True)])
+            pool = self.groups.controls[key]
+            for block in rows.reshape(-1, s):
+                sets.append((block, rng.choice(pool, s, replace=True)))
+        return [sets[i] for i in rng.permutation(len(sets))]
+
+    def __iter__(self):
+        rng = self._rng()
+        self._epoch += 1
+        sets = self.epoch_sets(rng)
+        for start in range(0, len(sets), self.sets_per_batch):
+            yield np.concatenate([np.concatenate(pair) for pair in sets[start : start + self.sets_per_batch]]).tolist()

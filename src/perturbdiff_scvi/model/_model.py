@@ -1,0 +1,629 @@
+"""PerturbDiff: the user-facing scvi-tools model (setup, train, predict, save/load)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+import rich.pretty  # noqa: F401  (scvi 1.4.2 + rich>=15: view_anndata_setup needs it imported)
+import torch
+from anndata import AnnData
+from scipy import sparse
+from scvi import settings
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LayerField, MuDataCategoricalObsField, MuDataLayerField
+from scvi.model.base import BaseModelClass
+from scvi.train import TrainRunner
+from scvi.utils import setup_anndata_dsp
+
+from .._compat import devices_dsp
+from .._constants import PDIFF_KEYS
+from ..data import SetDataSplitter, control_pool, registered_codes
+from ..module import PerturbDiffModule
+from ._training_plan import DiffusionTrainingPlan
+from ._validation import (
+    check_control_value,
+    check_log_normalised,
+    check_obs_column,
+    expression_matrix,
+    find_category,
+)
+
+if TYPE_CHECKING:
+    from mudata import MuData
+
+logger = logging.getLogger(__name__)
+
+#: The sizes of the released model (Yuan et al. 2026), for GPUs: ``PerturbDiff(adata, **PAPER_CONFIG)``.
+PAPER_CONFIG: dict = {"n_hidden": 512, "depth": 8, "n_heads": 8, "n_cov": 128, "set_size": 256, "ema_every": 10}
+
+#: Optimisation steps when ``train()`` is given neither ``max_epochs`` nor ``max_steps``.
+DEFAULT_MAX_STEPS = 1500
+
+
+class PerturbDiff(BaseModelClass):
+    """PerturbDiff: functional diffusion over cell populations :cite:p:`Yuan2026`.
+
+    A population of cells of one (perturbation, context, batch) is generated jointly as a set of
+    ``set_size`` cells by a permutation-equivariant transformer, conditioned on a matched set of
+    control cells and on the covariates. Training minimises per-cell MSE plus the energy distance
+    between predicted and true sets; sampling is DDIM with classifier-free guidance.
+
+    Parameters
+    ----------
+    adata
+        AnnData (or MuData) registered with :meth:`setup_anndata` / :meth:`setup_mudata`.
+    set_size
+        Cells per set ``S`` (256 in the paper; 64 here to train on a CPU).
+    n_hidden
+        Token width ``H`` of the denoiser.
+    depth
+        Number of joint-attention blocks.
+    n_heads
+        Attention heads (the attention runs at width ``2 * n_hidden``).
+    mlp_ratio
+        MLP expansion in each block.
+    n_cov
+        Width of each covariate embedding (perturbation, context, batch).
+    n_cov_hidden
+        Width between concatenated covariates and the class embedding; ``None`` = number of genes, as released.
+    n_timesteps
+        Diffusion steps ``T``.
+    beta_schedule
+        ``"linear"`` (released, 1e-4 to 0.02) or ``"cosine"``.
+    input_scale
+        Expression is divided by this for diffusion (released ``normalize_counts=10``).
+    energy_weight
+        Weight of the set energy term in the loss (1 as released; 0 gives a per-cell MSE-only model).
+    mse_weight
+        Weight of the per-cell MSE term.
+    p_drop_cond
+        Probability of training a set with the null covariate embedding (classifier-free guidance).
+    p_self_cond
+        Probability of the self-conditioning pass at a training step.
+    ema_decay
+        Decay of the exponential moving average of the weights used for prediction.
+    ema_every
+        Optimiser steps between EMA updates (10 in the paper's 200k-step runs; 1 here for short runs).
+
+    Examples
+    --------
+    >>> import perturbdiff_scvi as pdiff
+    >>> adata = pdiff.datasets.kang2018()
+    >>> train = adata[~((adata.obs.cell_type == "CD4T") & (adata.obs.condition == "stimulated"))].copy()
+    >>> pdiff.PerturbDiff.setup_anndata(train, perturbation_key="condition", control_value="control",
+    ...                                 context_key="cell_type")
+    >>> model = pdiff.PerturbDiff(train)
+    >>> model.train(max_steps=1500)
+    >>> pred = model.predict_population("stimulated", contexts="CD4T", seed=0)
+    """
+
+    _module_cls = PerturbDiffModule
+    _data_splitter_cls = SetDataSplitter
+    _training_plan_cls = DiffusionTrainingPlan
+    _train_runner_cls = TrainRunner
+
+    def __init__(self, adata: AnnData | MuData | None = None, *, set_size: int = 64, n_hidden: int = 128,
+                 depth: int = 2, n_heads: int = 4, mlp_ratio: float = 4.0, n_cov: int = 64,
+                 n_cov_hidden: int | None = None, n_timesteps: int = 1000,
+                 beta_schedule: Literal["linear", "cosine"] = "linear", input_scale: float = 10.0,
+                 energy_weight: float = 1.0, mse_weight: float = 1.0, p_drop_cond: float = 0.5,
+                 p_self_cond: float = 0.5, ema_decay: float = 0.99, ema_every: int = 1):
+        super().__init__(adata)
+        for name, value in {"set_size": set_size, "n_hidden": n_hidden, "depth": depth, "n_heads": n_heads,
+                            "n_timesteps": n_timesteps, "ema_every": ema_every}.items():
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+        if (2 * n_hidden) % n_heads:
+            raise ValueError(f"2 * n_hidden ({2 * n_hidden}) must be divisible by n_heads ({n_heads}).")
+        ss = self.summary_stats
+        self.module = self._module_cls(
+            n_genes=ss.n_vars, n_perturbations=ss[f"n_{PDIFF_KEYS.PERT_KEY}"],
+            n_contexts=ss[f"n_{PDIFF_KEYS.CONTEXT_KEY}"], n_batches=ss[f"n_{PDIFF_KEYS.BATCH_KEY}"],
+            set_size=set_size, n_hidden=n_hidden, depth=depth, n_heads=n_heads, mlp_ratio=mlp_ratio, n_cov=n_cov,
+            n_cov_hidden=n_cov_hidden, n_timesteps=n_timesteps, beta_schedule=beta_schedule,
+            input_scale=input_scale, energy_weight=energy_weight, mse_weight=mse_weight, p_drop_cond=p_drop_cond,
+            p_self_cond=p_self_cond, ema_decay=ema_decay, ema_every=ema_every,
+        )
+        n_params = sum(p.numel() for p in self.module.denoiser.parameters())
+        self._model_summary_string = (
+            f"PerturbDiff: {ss.n_vars} genes, set_size={set_size}, n_hidden={n_hidden}, depth={depth}, "
+            f"n_heads={n_heads}, T={n_timesteps}, {n_params / 1e6:.2f}M parameters"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    @setup_anndata_dsp.dedent
+    def setup_anndata(cls, adata: AnnData, perturbation_key: str, control_value: str, context_key: str | None = None,
+                      batch_key: str | None = None, layer: str | None = None, **kwargs) -> None:
+        """%(summary)s.
+
+        Expression must be log1p of library-size-normalised values (e.g. ``sc.pp.normalize_total`` then
+        ``sc.pp.log1p``); raw counts, negative, NaN or infinite values raise a ``ValueError``. Setup adds
+        only scvi-tools' registration columns (``_scvi_*`` in ``obs``, ``_scvi_*`` in ``uns``).
+
+        Control matching: each perturbed set is paired with control cells of the same (context, batch).
+        Where that pool is empty, controls come from the same context in other batches, then from the
+        same batch in other contexts, then from all controls (with a warning at training).
+
+        Parameters
+        ----------
+        %(param_adata)s
+        perturbation_key
+            Column of ``adata.obs`` with the perturbation of each cell (drug, cytokine, guide, ...).
+        control_value
+            Value of ``perturbation_key`` that marks control (unperturbed) cells.
+        context_key
+            Column of ``adata.obs`` with the cell type / cell line; ``None`` = one context.
+        batch_key
+            Column of ``adata.obs`` with the batch / donor / plate; ``None`` = one batch.
+        %(param_layer)s
+
+        Examples
+        --------
+        >>> PerturbDiff.setup_anndata(adata, perturbation_key="condition", control_value="control",
+        ...                           context_key="cell_type")
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if not isinstance(adata, AnnData):
+            raise TypeError(f"setup_anndata expects an AnnData, got {type(adata).__name__}; use setup_mudata for "
+                            "MuData.")
+        _check_setup_inputs(adata, adata.obs, perturbation_key, control_value, context_key, batch_key,
+                            expression_matrix(adata, layer), "adata.X" if layer is None else f"adata.layers[{layer!r}]")
+        fields = [
+            LayerField(PDIFF_KEYS.X_KEY, layer, is_count_data=False),
+            CategoricalObsField(PDIFF_KEYS.PERT_KEY, perturbation_key),
+            CategoricalObsField(PDIFF_KEYS.CONTEXT_KEY, context_key),
+            CategoricalObsField(PDIFF_KEYS.BATCH_KEY, batch_key),
+        ]
+        adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    @classmethod
+    @setup_anndata_dsp.dedent
+    def setup_mudata(cls, mdata: MuData, rna_layer: str | None = None, perturbation_key: str | None = None,
+                     control_value: str | None = None, context_key: str | None = None, batch_key: str | None = None,
+                     modalities: dict[str, str] | None = None, **kwargs) -> None:
+        """Register a MuData whose RNA modality is modelled.
+
+        Obs columns are read from ``mdata.obs`` when present there, otherwise from the RNA modality's
+        ``obs``. Every cell of ``mdata`` must have RNA.
+
+        Parameters
+        ----------
+        mdata
+            MuData object.
+        rna_layer
+            Layer of the RNA modality with log-normalised expression; ``None`` = its ``X``.
+        perturbation_key, control_value, context_key, batch_key
+            As in :meth:`setup_anndata`.
+        modalities
+            ``{"rna_layer": <name of the RNA modality>}``; defaults to ``{"rna_layer": "rna"}``.
+
+        Examples
+        --------
+        >>> PerturbDiff.setup_mudata(mdata, perturbation_key="condition", control_value="control",
+        ...                          context_key="cell_type", modalities={"rna_layer": "rna"})
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        from mudata import MuData
+
+        if not isinstance(mdata, MuData):
+            raise TypeError(f"setup_mudata expects a MuData, got {type(mdata).__name__}.")
+        if perturbation_key is None or control_value is None:
+            raise ValueError("setup_mudata needs perturbation_key and control_value.")
+        modalities = {"rna_layer": "rna"} if modalities is None else dict(modalities)
+        if set(modalities) - {"rna_layer"}:
+            raise ValueError(f"modalities may only name 'rna_layer'; got {sorted(modalities)}.")
+        rna_mod = modalities["rna_layer"]
+        if rna_mod not in mdata.mod:
+            raise KeyError(f"Modality {rna_mod!r} not found in mdata.mod (available: {list(mdata.mod)}); set "
+                           "modalities={'rna_layer': <RNA modality>}.")
+        rna = mdata.mod[rna_mod]
+        if rna.n_obs != mdata.n_obs or not rna.obs_names.equals(mdata.obs_names):
+            raise ValueError(f"Modality {rna_mod!r} has {rna.n_obs} cells but mdata has {mdata.n_obs} (or another "
+                             "order); PerturbDiff needs RNA for every cell. Subset mdata to the RNA cells first.")
+
+        def obs_mod(key: str | None) -> str | None:
+            return None if key is None or key in mdata.obs.columns else rna_mod
+
+        obs = {k: (mdata.obs if obs_mod(k) is None else rna.obs) for k in (perturbation_key, context_key, batch_key)}
+        merged = pd.DataFrame({k: v[k] for k, v in obs.items() if k is not None and k in v.columns},
+                              index=mdata.obs_names)
+        for key in (perturbation_key, context_key, batch_key):
+            if key is not None and key not in merged.columns:
+                raise KeyError(f"{key!r} is neither a column of mdata.obs nor of mdata[{rna_mod!r}].obs.")
+        where = f"mdata[{rna_mod!r}]." + ("X" if rna_layer is None else f"layers[{rna_layer!r}]")
+        _check_setup_inputs(rna, merged, perturbation_key, control_value, context_key, batch_key,
+                            expression_matrix(rna, rna_layer), where)
+        fields = [
+            MuDataLayerField(PDIFF_KEYS.X_KEY, rna_layer, mod_key=rna_mod, is_count_data=False, mod_required=True),
+            MuDataCategoricalObsField(PDIFF_KEYS.PERT_KEY, perturbation_key, mod_key=obs_mod(perturbation_key)),
+            MuDataCategoricalObsField(PDIFF_KEYS.CONTEXT_KEY, context_key, mod_key=obs_mod(context_key)),
+            MuDataCategoricalObsField(PDIFF_KEYS.BATCH_KEY, batch_key, mod_key=obs_mod(batch_key)),
+        ]
+        adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(mdata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    # ------------------------------------------------------------------ helpers
+    def _mapping(self, key: str) -> np.ndarray:
+        return self.adata_manager.get_state_registry(key).categorical_mapping
+
+    @property
+    def _control_code(self) -> int:
+        return find_category(self._mapping(PDIFF_KEYS.PERT_KEY), self.get_setup_arg("control_value"),
+                             "control value", self.get_setup_arg("perturbation_key"))
+
+    @property
+    def var_names(self) -> pd.Index:
+        """Genes the model was trained on, in order."""
+        return pd.Index(self.adata_manager.get_state_registry(PDIFF_KEYS.X_KEY).column_names)
+
+    def _setup_arg(self, name: str):
+        return self.adata_manager.registry["setup_args"].get(name)
+
+    def get_setup_arg(self, name: str):
+        """Value of an argument given to :meth:`setup_anndata` / :meth:`setup_mudata`."""
+        return self._setup_arg(name)
+
+    # ------------------------------------------------------------------ training
+    @devices_dsp.dedent
+    def train(self, max_epochs: int | None = None, max_steps: int | None = None, accelerator: str = "auto",
+              devices: int | list[int] | str = "auto", batch_size: int = 8, lr: float = 1e-3,
+              early_stopping: bool = False, validation_size: float = 0.1,
+              split: Literal["set", "cell", "group"] = "set", train_on_controls: bool = True,
+              check_val_every_n_epoch: int | None = None, plan_kwargs: dict | None = None,
+              datasplitter_kwargs: dict | None = None, **trainer_kwargs):
+        """Train the model with Lightning through scvi-tools' ``TrainRunner``.
+
+        Parameters
+        ----------
+        max_epochs
+            Epochs; one epoch serves every training cell once in sets of ``set_size`` (groups padded).
+        max_steps
+            Optimisation steps; if neither is given, ``DEFAULT_MAX_STEPS`` (1500) steps.
+        %(param_accelerator)s
+        %(param_devices)s
+        batch_size
+            Cell sets per optimisation step (each set holds ``set_size`` cells plus as many controls).
+        lr
+            Peak learning rate of AdamW (warm-up, plateau, cosine decay to a tenth).
+        early_stopping
+            Stop when ``validation_loss`` stops improving (needs ``validation_size > 0``).
+        validation_size
+            Share of sets held out for validation (see ``split``).
+        split
+            Unit of the held-out share: ``"set"`` (blocks of ``set_size`` cells of each group), ``"cell"``
+            (cells of each group) or ``"group"`` (whole (perturbation, context, batch) groups). Training and
+            validation sets never share a cell.
+        train_on_controls
+            Also learn to generate control sets (the released ``keep_control_cell``); this trains the
+            context embedding of contexts whose perturbed cells are all held out.
+        check_val_every_n_epoch
+            Validation frequency; by default about every 50 steps when a validation set exists.
+        plan_kwargs
+            Options of :class:`~perturbdiff_scvi.model.DiffusionTrainingPlan` (``weight_decay``, ``warmup_steps``,
+            ...).
+        datasplitter_kwargs
+            Options of :class:`~perturbdiff_scvi.data.SetDataSplitter` (``seed``, ``pin_memory``).
+        **trainer_kwargs
+            Passed to the Lightning trainer (``enable_progress_bar``, ``precision``, ``callbacks``, ...).
+
+        Examples
+        --------
+        >>> model.train(max_steps=1500)
+        >>> model.history["train_loss_epoch"].tail()
+        """
+        if max_epochs is None and max_steps is None:
+            max_steps = DEFAULT_MAX_STEPS
+        for name, value in {"max_epochs": max_epochs, "max_steps": max_steps, "batch_size": batch_size}.items():
+            if value is not None and (int(value) != value or value < 1):
+                raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0; got {lr}.")
+        splitter = self._data_splitter_cls(
+            self.adata_manager, self._control_code, set_size=self.module.set_size, sets_per_batch=batch_size,
+            validation_size=validation_size, split=split, train_on_controls=train_on_controls,
+            **(datasplitter_kwargs or {}),
+        )
+        has_val = splitter.n_val > 0
+        if early_stopping and not has_val:
+            raise ValueError("early_stopping=True needs a validation set, but validation_size="
+                             f"{validation_size} with split={split!r} left no validation cells; raise validation_size "
+                             "or use split='cell'.")
+        steps_per_epoch = len(splitter.train_dataloader().sampler)
+        if check_val_every_n_epoch is None and has_val:
+            check_val_every_n_epoch = max(1, math.ceil(50 / steps_per_epoch))
+        if check_val_every_n_epoch is not None:
+            trainer_kwargs["check_val_every_n_epoch"] = check_val_every_n_epoch
+        trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
+        trainer_kwargs.setdefault("gradient_clip_val", 1.0)
+        trainer_kwargs.setdefault("log_every_n_steps", max(1, min(50, steps_per_epoch)))
+        plan = self._training_plan_cls(self.module, **{"lr": lr, **(plan_kwargs or {})})
+        runner = self._train_runner_cls(
+            self, training_plan=plan, data_splitter=splitter,
+            max_epochs=-1 if max_epochs is None else max_epochs, max_steps=-1 if max_steps is None else max_steps,
+            accelerator=accelerator, devices=devices, early_stopping=early_stopping, **trainer_kwargs,
+        )
+        return runner()
+
+    # ------------------------------------------------------------------ prediction
+    @torch.inference_mode()
+    def predict_population(self, perturbations: str | Sequence[str], contexts: str | Sequence[str] | None = None,
+                           batches: str | Sequence[str] | None = None, *, control_adata: AnnData | None = None,
+                           n_cells: int | None = None, n_populations: int = 1, guidance_scale: float = 1.0,
+                           n_steps: int = 50, sampler: Literal["ddim", "ddpm"] = "ddim", seed: int | None = None,
+                           batch_size: int = 16, use_ema: bool = True) -> AnnData:
+        """Generate cell populations for (perturbation, context, batch) combinations.
+
+        Every requested perturbation is crossed with every requested context and batch. A combination
+        never observed together in training works as long as the perturbation and the context were each
+        observed. Each population of ``n_cells`` cells is generated as ``ceil(n_cells / set_size)`` sets,
+        each conditioned on its own draw of control cells.
+
+        Parameters
+        ----------
+        perturbations
+            Perturbation value(s) of ``perturbation_key``.
+        contexts
+            Context value(s); ``None`` = every context of the training data.
+        batches
+            Batch value(s); ``None`` = every batch that has control cells of the context (or, with
+            ``control_adata``, every batch found there).
+        control_adata
+            Condition on these control cells instead of the registered ones. Needs every training gene
+            (reordered by name); cells are matched to contexts and batches through the same obs columns
+            when present, else all its cells serve every context. Cells whose perturbation column (if
+            present) differs from the control value are ignored.
+        n_cells
+            Cells per population; ``None`` = the number of observed cells of that combination in the
+            training data, else of its control pool.
+        n_populations
+            Independent populations per combination (the response is a distribution over populations).
+        guidance_scale
+            Classifier-free guidance weight ``w``: ``(1 + w) x0_cond - w x0_uncond``; 0 = no guidance.
+        n_steps
+            Reverse steps, strided over the full schedule (1 to ``n_timesteps``).
+        sampler
+            ``"ddim"`` (deterministic, eta = 0) or ``"ddpm"`` (ancestral).
+        seed
+            Seed of the control draws and the noise; the same seed gives the same cells.
+        batch_size
+            Sets per forward pass.
+        use_ema
+            Use the EMA weights (as released) rather than the raw weights.
+
+        Returns
+        -------
+        AnnData with ``var_names`` = training genes, ``obs`` holding the user's perturbation / context /
+        batch columns (categorical) and ``population``, and the settings in ``uns["perturbdiff"]``.
+
+        Examples
+        --------
+        >>> pred = model.predict_population("stimulated", contexts="CD4T", n_populations=3, seed=0)
+        >>> sc.pl.umap(anndata.concat([real, pred], label="source"), color="condition")
+        """
+        self._check_if_trained(warn=True)
+        _check_predict_args(n_cells, n_populations, guidance_scale, n_steps, self.module.diffusion.n_timesteps,
+                            sampler, batch_size)
+        perturbations = _as_list(perturbations)
+        pert_key, ctx_key, batch_key = (self._setup_arg(k) for k in ("perturbation_key", "context_key", "batch_key"))
+        pert_codes, ctx_codes, batch_codes = registered_codes(self.adata_manager)
+        p_ids = [self._seen_code(PDIFF_KEYS.PERT_KEY, v, pert_codes, "perturbation", pert_key) for v in perturbations]
+        if contexts is None:
+            c_ids = np.unique(ctx_codes).tolist()
+        else:
+            c_ids = [self._seen_code(PDIFF_KEYS.CONTEXT_KEY, v, ctx_codes, "context", ctx_key)
+                     for v in _as_list(contexts)]
+        b_req = None if batches is None else [find_category(self._mapping(PDIFF_KEYS.BATCH_KEY), v, "batch",
+                                                             str(batch_key)) for v in _as_list(batches)]
+        source = _ControlSource(self, control_adata, pert_codes, ctx_codes, batch_codes)
+        rng = np.random.default_rng(seed)
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+
+        # Plan every set: (condition index, population, control rows).
+        conditions, jobs = [], []
+        for p in p_ids:
+            for c in c_ids:
+                for b in source.batches_for(c, b_req):
+                    pool = source.pool(c, b)
+                    observed = int(np.sum((pert_codes == p) & (ctx_codes == c) & (batch_codes == b)))
+                    n = n_cells or observed or len(pool)
+                    conditions.append((p, c, b, n))
+                    for pop in range(n_populations):
+                        for _ in range(math.ceil(n / self.module.set_size)):
+                            jobs.append((len(conditions) - 1, pop, rng.choice(len(pool), self.module.set_size)))
+        cells = self._sample_jobs(jobs, conditions, source, n_steps, sampler, guidance_scale, gen, batch_size,
+                                  use_ema)
+        return self._assemble(conditions, jobs, cells, n_populations, pert_key, ctx_key, batch_key,
+                              uns={"perturbations": [str(v) for v in perturbations], "n_populations": n_populations,
+                                   "guidance_scale": float(guidance_scale), "n_steps": int(n_steps),
+                                   "sampler": sampler, "seed": "None" if seed is None else int(seed),
+                                   "set_size": int(self.module.set_size), "use_ema": bool(use_ema),
+                                   "controls": "control_adata" if control_adata is not None else "registered"})
+
+    def _seen_code(self, key: str, value, codes: np.ndarray, what: str, obs_key: str | None) -> int:
+        code = find_category(self._mapping(key), value, what, str(obs_key))
+        if not np.any(codes == code):
+            raise ValueError(f"The {what} {value!r} has no cells in the training data (it is only an unused category "
+                             f"of {obs_key!r}), so the model never learned it.")
+        return code
+
+    def _sample_jobs(self, jobs, conditions, source, n_steps, sampler, guidance_scale, gen, batch_size,
+                     use_ema) -> list[np.ndarray]:
+        from scvi.utils import track
+
+        s = self.module.set_size
+        out = []
+        chunks = range(0, len(jobs), batch_size)
+        for start in track(chunks, description="Sampling sets", disable=len(chunks) < 2):
+            chunk = jobs[start : start + batch_size]
+            x_ctrl = np.stack([source.rows(*conditions[ci][1:3], idx) for ci, _, idx in chunk])  # (B, S, G)
+            codes = [torch.tensor([conditions[ci][k] for ci, _, _ in chunk]) for k in range(3)]
+            x = self.module.sample(torch.from_numpy(x_ctrl), *codes, n_steps=n_steps, sampler=sampler,
+                                   guidance_scale=guidance_scale, generator=gen, use_ema=use_ema)
+            out.extend(x.cpu().numpy().reshape(len(chunk), s, -1))
+        return out
+
+    def _assemble(self, conditions, jobs, cells, n_populations, pert_key, ctx_key, batch_key, uns) -> AnnData:
+        by_pop: dict[tuple[int, int], list[np.ndarray]] = {}
+        for (ci, pop, _), x in zip(jobs, cells, strict=True):
+            by_pop.setdefault((ci, pop), []).append(x)
+        blocks, meta = [], {"pert": [], "ctx": [], "batch": [], "population": []}
+        for ci, (p, c, b, n) in enumerate(conditions):
+            for pop in range(n_populations):
+                x = np.concatenate(by_pop[(ci, pop)])[:n]
+                blocks.append(x)
+                for name, value in (("pert", p), ("ctx", c), ("batch", b), ("population", pop)):
+                    meta[name].extend([value] * n)
+        obs = pd.DataFrame(index=[f"perturbdiff_{i}" for i in range(len(meta["population"]))])
+        for key, reg, codes in ((pert_key, PDIFF_KEYS.PERT_KEY, meta["pert"]), (ctx_key, PDIFF_KEYS.CONTEXT_KEY,
+                                meta["ctx"]), (batch_key, PDIFF_KEYS.BATCH_KEY, meta["batch"])):
+            if key is None:
+                continue
+            mapping = self._mapping(reg)
+            used = sorted(set(codes))
+            obs[key] = pd.Categorical.from_codes([used.index(c) for c in codes], categories=mapping[used])
+        obs["population"] = np.asarray(meta["population"], dtype=np.int64)
+        var = pd.DataFrame(index=self.var_names.copy())
+        out = AnnData(X=np.concatenate(blocks).astype(np.float32), obs=obs, var=var)
+        out.uns["perturbdiff"] = uns
+        return out
+
+
+class _ControlSource:
+    """Control cells to condition on: the registered ones, or a user's ``control_adata``."""
+
+    def __init__(self, model: PerturbDiff, control_adata: AnnData | None, pert_codes, ctx_codes, batch_codes):
+        self.model = model
+        self.codes = (pert_codes, ctx_codes, batch_codes)
+        self.control_code = model._control_code
+        self._pools: dict[tuple[int, int], np.ndarray] = {}
+        if control_adata is None:
+            self.matrix = model.adata_manager.get_from_registry(PDIFF_KEYS.X_KEY)
+            self.user = None
+        else:
+            self.matrix, self.user = _prepare_control_adata(model, control_adata)
+
+    def batches_for(self, c: int, requested: list[int] | None) -> list[int]:
+        if requested is not None:
+            return requested
+        pert, ctx, batch = self.codes
+        if self.user is not None:
+            user_batches = self.user["batch"][(self.user["ctx"] == c) | self.user["no_ctx"]]
+            found = sorted(set(user_batches[user_batches >= 0].tolist()))
+            if found:
+                return found
+        with_ctrl = sorted(set(batch[(pert == self.control_code) & (ctx == c)].tolist()))
+        return with_ctrl or sorted(set(batch[ctx == c].tolist()))
+
+    def pool(self, c: int, b: int) -> np.ndarray:
+        if (c, b) not in self._pools:
+            if self.user is None:
+                rows, _ = control_pool(*self.codes, self.control_code, c, b)
+            else:
+                ctx, batch = self.user["ctx"], self.user["batch"]
+                in_ctx = np.ones_like(ctx, dtype=bool) if self.user["no_ctx"] else ctx == c
+                if not in_ctx.any():
+                    name = self.model._mapping(PDIFF_KEYS.CONTEXT_KEY)[c]
+                    raise ValueError(f"control_adata has no cell of context {name!r} in column "
+                                     f"{self.model._setup_arg('context_key')!r}; add such control cells or drop "
+                                     "that column to use all its cells for every context.")
+                rows = np.flatnonzero(in_ctx & (batch == b))
+                if not len(rows):
+                    rows = np.flatnonzero(in_ctx)
+            self._pools[(c, b)] = rows
+        return self._pools[(c, b)]
+
+    def rows(self, c: int, b: int, idx: np.ndarray) -> np.ndarray:
+        x = self.matrix[self.pool(c, b)[idx]]
+        return (x.toarray() if sparse.issparse(x) else np.asarray(x)).astype(np.float32)
+
+
+def _prepare_control_adata(model: PerturbDiff, control_adata: AnnData):
+    """Gene-aligned expression of the user's control cells and their context/batch codes (-1 = unknown)."""
+    if not isinstance(control_adata, AnnData):
+        raise TypeError(f"control_adata must be an AnnData; got {type(control_adata).__name__}.")
+    genes = model.var_names
+    overlap = genes.intersection(control_adata.var_names)
+    if len(overlap) == 0:
+        raise ValueError("control_adata shares no gene with the training data (compare control_adata.var_names "
+                         f"with model.var_names, e.g. {list(genes[:3])}); use the same gene identifiers.")
+    if len(overlap) < len(genes):
+        missing = genes.difference(control_adata.var_names)
+        raise ValueError(f"control_adata lacks {len(missing)} of the {len(genes)} training genes (e.g. "
+                         f"{list(missing[:5])}); subset or pad it to model.var_names.")
+    if not control_adata.var_names.is_unique:
+        raise ValueError("control_adata.var_names has duplicates; run control_adata.var_names_make_unique().")
+    layer = model._setup_arg("layer") or model._setup_arg("rna_layer")
+    if layer is not None and layer not in control_adata.layers:
+        raise KeyError(f"control_adata has no layer {layer!r}, the layer the model was set up with.")
+    cols = control_adata.var_names.get_indexer(genes)
+    matrix = (control_adata.X if layer is None else control_adata.layers[layer])[:, cols]
+    check_log_normalised(matrix, "control_adata expression")
+    obs = control_adata.obs
+    keep = np.ones(control_adata.n_obs, dtype=bool)
+    pert_key = model._setup_arg("perturbation_key")
+    if pert_key in obs.columns:
+        keep = (obs[pert_key].astype(str) == str(model._setup_arg("control_value"))).to_numpy()
+        if not keep.any():
+            raise ValueError(f"control_adata.obs[{pert_key!r}] has no cell equal to the control value "
+                             f"{model._setup_arg('control_value')!r}.")
+    codes = {}
+    for name, setup_key, reg in (("ctx", "context_key", PDIFF_KEYS.CONTEXT_KEY),
+                                 ("batch", "batch_key", PDIFF_KEYS.BATCH_KEY)):
+        key = model._setup_arg(setup_key)
+        mapping = [str(v) for v in model._mapping(reg)]
+        if key is not None and key in obs.columns:
+            codes[name] = np.array([mapping.index(v) if v in mapping else -1 for v in obs[key].astype(str)])[keep]
+        else:
+            codes[name] = np.full(int(keep.sum()), -1)
+    codes["no_ctx"] = model._setup_arg("context_key") not in obs.columns
+    rows = np.flatnonzero(keep)
+    return matrix[rows], codes
+
+
+def _check_setup_inputs(adata: AnnData, obs: pd.DataFrame, perturbation_key, control_value, context_key, batch_key,
+                        matrix, where: str) -> None:
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
+    if getattr(adata, "isbacked", False):
+        raise ValueError("Backed AnnData is not supported (set sampling needs random access in a fixed order); load "
+                         "it into memory with adata.to_memory() or anndata.read_h5ad(path) without backed=.")
+    for key, arg in ((perturbation_key, "perturbation_key"), (context_key, "context_key"), (batch_key, "batch_key")):
+        check_obs_column(obs, key, arg)
+    check_control_value(obs[perturbation_key], control_value, perturbation_key)
+    n_perturbed = int((obs[perturbation_key].astype(str) != str(control_value)).sum())
+    if n_perturbed == 0:
+        raise ValueError(f"Every cell of {perturbation_key!r} is the control {control_value!r}; PerturbDiff needs "
+                         "perturbed cells to learn from.")
+    check_log_normalised(matrix, where)
+
+
+def _check_predict_args(n_cells, n_populations, guidance_scale, n_steps, n_timesteps, sampler, batch_size) -> None:
+    if n_cells is not None and (int(n_cells) != n_cells or n_cells <= 0):
+        raise ValueError(f"n_cells must be a positive integer or None; got {n_cells!r}.")
+    if int(n_populations) != n_populations or n_populations < 1:
+        raise ValueError(f"n_populations must be a positive integer; got {n_populations!r}.")
+    if not np.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0 (0 = no guidance); got {guidance_scale!r}.")
+    if int(n_steps) != n_steps or not 1 <= n_steps <= n_timesteps:
+        raise ValueError(f"n_steps must be an integer between 1 and n_timesteps={n_timesteps}; got {n_steps!r}.")
+    if sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"sampler must be 'ddim' or 'ddpm'; got {sampler!r}.")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
+
+
+def _as_list(values) -> list:
+    if isinstance(values, str | int | bool | np.integer) or not isinstance(values, Sequence | np.ndarray | pd.Index):
+        return [values]
+    return list(values)

@@ -1,0 +1,67 @@
+"""DiffusionTrainingPlan: AdamW, warm-up + plateau + cosine LR, EMA updates (inside the module)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from scvi.train import TrainingPlan
+
+
+def warmup_plateau_cosine(step: int, total: int, warmup: int, plateau: float, floor: float) -> float:
+    """LR multiplier of the released schedule: linear warm-up, flat for ``plateau * total``, cosine to ``floor``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    flat_end = warmup + int(plateau * total)
+    if step < flat_end or total <= flat_end:
+        return 1.0
+    progress = min(1.0, (step - flat_end) / max(1, total - flat_end))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class DiffusionTrainingPlan(TrainingPlan):
+    """scvi-tools ``TrainingPlan`` with the released PerturbDiff optimisation.
+
+    Parameters
+    ----------
+    module
+        A :class:`~perturbdiff_scvi.module.PerturbDiffModule`.
+    lr
+        Peak learning rate.
+    weight_decay
+        AdamW weight decay (not applied to biases, norms and embeddings: parameters with < 2 dims).
+    warmup_steps
+        Linear warm-up steps (capped at a tenth of the run).
+    plateau
+        Share of the run spent at the peak after warm-up.
+    lr_floor
+        Final LR as a share of the peak.
+    **kwargs
+        Passed to :class:`scvi.train.TrainingPlan`.
+    """
+
+    def __init__(self, module, *, lr: float = 1e-3, weight_decay: float = 0.01, warmup_steps: int = 200,
+                 plateau: float = 0.1, lr_floor: float = 0.1, **kwargs):
+        super().__init__(module, lr=lr, weight_decay=weight_decay, optimizer="AdamW", **kwargs)
+        self.warmup_steps = warmup_steps
+        self.plateau = plateau
+        self.lr_floor = lr_floor
+
+    def configure_optimizers(self):
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=self.lr, betas=(0.9, 0.98), eps=1e-8)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, min(self.warmup_steps, total // 10))
+
+        def schedule(step: int) -> float:
+            return warmup_plateau_cosine(step, total, warmup, self.plateau, self.lr_floor)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.module.update_ema()

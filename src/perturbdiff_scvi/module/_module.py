@@ -1,0 +1,152 @@
+"""PerturbDiffModule: the functional-diffusion maths as an scvi-tools ``BaseModuleClass``.
+
+scvi's hooks map onto diffusion as: ``inference`` = read the condition (control set and covariate
+codes), ``generative`` = noise the target set and denoise it, ``loss`` = MSE + energy distance.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+
+from .._constants import PDIFF_KEYS
+from ..diffusion import GaussianDiffusion, sample_loop
+from ..nn import SetDiT
+from ._losses import energy_distance, per_set_mse
+
+
+class PerturbDiffModule(BaseModuleClass):
+    """Set diffusion over cell populations (Yuan et al. 2026), x0-parameterised, with EMA weights.
+
+    Parameters
+    ----------
+    n_genes, n_perturbations, n_contexts, n_batches
+        Sizes read from the registered AnnData.
+    set_size
+        Cells per set ``S``.
+    n_hidden, depth, n_heads, mlp_ratio, n_cov, n_cov_hidden
+        Denoiser sizes, see :class:`~perturbdiff_scvi.nn.SetDiT`.
+    n_timesteps
+        Diffusion steps ``T``.
+    beta_schedule
+        ``"linear"`` (released) or ``"cosine"``.
+    input_scale
+        Expression is divided by this before diffusion and multiplied back after sampling (the
+        released ``normalize_counts=10``).
+    energy_weight, mse_weight
+        Loss = ``mse_weight * MSE + energy_weight * energy``, energy being half the energy distance.
+    p_drop_cond
+        Probability per set of replacing the covariates by the null embedding (classifier-free guidance).
+    p_self_cond
+        Probability per step of the self-conditioning pass.
+    ema_decay, ema_every
+        EMA of the denoiser weights, updated every ``ema_every`` optimiser steps.
+    """
+
+    def __init__(self, n_genes: int, n_perturbations: int, n_contexts: int, n_batches: int, *, set_size: int = 64,
+                 n_hidden: int = 128, depth: int = 2, n_heads: int = 4, mlp_ratio: float = 4.0, n_cov: int = 64,
+                 n_cov_hidden: int | None = None, n_timesteps: int = 1000,
+                 beta_schedule: Literal["linear", "cosine"] = "linear", input_scale: float = 10.0,
+                 energy_weight: float = 1.0, mse_weight: float = 1.0, p_drop_cond: float = 0.5,
+                 p_self_cond: float = 0.5, ema_decay: float = 0.99, ema_every: int = 1):
+        super().__init__()
+        self.n_genes = n_genes
+        self.set_size = set_size
+        self.input_scale = input_scale
+        self.energy_weight = energy_weight
+        self.mse_weight = mse_weight
+        self.p_drop_cond = p_drop_cond
+        self.p_self_cond = p_self_cond
+        self.ema_decay = ema_decay
+        self.ema_every = ema_every
+        self.denoiser = SetDiT(n_genes, n_perturbations, n_contexts, n_batches, n_hidden=n_hidden, depth=depth,
+                               n_heads=n_heads, mlp_ratio=mlp_ratio, n_cov=n_cov, n_cov_hidden=n_cov_hidden)
+        self.ema = copy.deepcopy(self.denoiser).requires_grad_(False)
+        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+        self.diffusion = GaussianDiffusion(n_timesteps, beta_schedule)
+
+    # ----------------------------------------------------------------- batch layout
+    def _unpack(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Flat ``[P1, C1, P2, C2, ...]`` rows -> perturbed ``(B, S, G)``, control ``(B, S, G)``, codes ``(B,)``."""
+        x = tensors[PDIFF_KEYS.X_KEY]
+        b = x.shape[0] // (2 * self.set_size)
+        x = x.view(b, 2, self.set_size, -1) / self.input_scale
+
+        def code(key: str) -> torch.Tensor:
+            return tensors[key].reshape(b, 2, self.set_size)[:, 0, 0].long()
+
+        return {"x0": x[:, 0], "x_ctrl": x[:, 1], "pert": code(PDIFF_KEYS.PERT_KEY),
+                "ctx": code(PDIFF_KEYS.CONTEXT_KEY), "batch": code(PDIFF_KEYS.BATCH_KEY)}
+
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict[str, torch.Tensor]:
+        unpacked = self._unpack(tensors)
+        return {k: unpacked[k] for k in ("x_ctrl", "pert", "ctx", "batch")}
+
+    @auto_move_data
+    def inference(self, x_ctrl: torch.Tensor, pert: torch.Tensor, ctx: torch.Tensor,
+                  batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The condition of each set; per-set classifier-free-guidance dropout is drawn here."""
+        drop = torch.rand(pert.shape[0], device=pert.device) < self.p_drop_cond
+        return {"x_ctrl": x_ctrl, "pert": pert, "ctx": ctx, "batch": batch, "drop_cond": drop}
+
+    def _get_generative_input(self, tensors: dict[str, torch.Tensor], inference_outputs: dict[str, torch.Tensor],
+                              **kwargs) -> dict[str, torch.Tensor]:
+        return {"x0": self._unpack(tensors)["x0"], **inference_outputs}
+
+    @auto_move_data
+    def generative(self, x0: torch.Tensor, x_ctrl: torch.Tensor, pert: torch.Tensor, ctx: torch.Tensor,
+                   batch: torch.Tensor, drop_cond: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Noise each target set at its own timestep and predict it back (with self-conditioning)."""
+        t = torch.randint(0, self.diffusion.n_timesteps, (x0.shape[0],), device=x0.device)  # one t per set
+        x_t = self.diffusion.q_sample(x0, t, torch.randn_like(x0))
+        self_cond = torch.zeros_like(x0)
+        if self.training and torch.rand(()) < self.p_self_cond:  # one coin per step, as released
+            with torch.no_grad():
+                self_cond = self.denoiser(x_t, t, x_ctrl, pert, ctx, batch, None, drop_cond)
+        x0_hat = self.denoiser(x_t, t, x_ctrl, pert, ctx, batch, self_cond, drop_cond)
+        return {"x0_hat": x0_hat}
+
+    def loss(self, tensors: dict[str, torch.Tensor], inference_outputs: dict[str, torch.Tensor],
+             generative_outputs: dict[str, torch.Tensor]) -> LossOutput:
+        """Per set: ``mse_weight * MSE + energy_weight * energy_distance / 2`` (geomloss ``energy``)."""
+        x0 = self._unpack(tensors)["x0"].to(generative_outputs["x0_hat"].device)
+        x0_hat = generative_outputs["x0_hat"]
+        mse = per_set_mse(x0_hat, x0)  # (B,)
+        energy = 0.5 * energy_distance(x0_hat, x0)  # (B,)
+        per_set = self.mse_weight * mse + self.energy_weight * energy
+        return LossOutput(loss=per_set.mean(), reconstruction_loss=per_set,
+                          extra_metrics={"mse": mse.mean().detach(), "energy": energy.mean().detach()})
+
+    # ----------------------------------------------------------------- EMA
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """One EMA step (call after each optimiser step); warm-up ``min(decay, (1 + n) / (10 + n))``."""
+        self.ema_updates += 1
+        n = int(self.ema_updates)
+        if n % self.ema_every:
+            return
+        decay = min(self.ema_decay, (1 + n / self.ema_every) / (10 + n / self.ema_every))
+        for p_ema, p in zip(self.ema.parameters(), self.denoiser.parameters(), strict=True):
+            p_ema.lerp_(p.detach(), 1 - decay)
+
+    # ----------------------------------------------------------------- sampling
+    @torch.inference_mode()
+    def sample(self, x_ctrl: torch.Tensor, pert: torch.Tensor, ctx: torch.Tensor, batch: torch.Tensor, *,
+               n_steps: int = 50, sampler: Literal["ddim", "ddpm"] = "ddim", guidance_scale: float = 1.0,
+               generator: torch.Generator | None = None, use_ema: bool = True) -> torch.Tensor:
+        """Generate perturbed sets ``(B, S, G)`` (expression scale) for controls ``x_ctrl`` ``(B, S, G)``."""
+        net = self.ema if use_ema else self.denoiser
+        device = next(net.parameters()).device
+        x_ctrl = x_ctrl.to(device) / self.input_scale
+        pert, ctx, batch = pert.to(device), ctx.to(device), batch.to(device)
+        keep = torch.zeros(x_ctrl.shape[0], dtype=torch.bool, device=device)
+
+        def denoise(x_t, t, self_cond, drop: bool):
+            return net(x_t, t, x_ctrl, pert, ctx, batch, self_cond, keep | drop)
+
+        x0 = sample_loop(denoise, self.diffusion, tuple(x_ctrl.shape), n_steps=n_steps, sampler=sampler,
+                         guidance_scale=guidance_scale, generator=generator, device=device)
+        return x0 * self.input_scale

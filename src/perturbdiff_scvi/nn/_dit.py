@@ -1,0 +1,242 @@
+"""SetDiT: the two-stream set transformer that denoises a whole cell set (PerturbDiff's ``Cross_DiT``).
+
+One token per cell, no positional encoding (so the network is permutation equivariant over cells).
+Two streams, the noisy perturbed cells and the matched control cells, share one attention over
+feature-concatenated, index-paired tokens ``[h_i ; hc_i]``. Each stream has its own adaLN-Zero
+modulation and MLP, in the parallel-residual form of the released code. Layout follows
+facebookresearch/DiT ``models.py``: embedders, block, final layer, model, initialisation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation; ``shift``/``scale`` are per set ``(B, H)``, ``x`` is ``(B, S, H)``."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+#################################################################################
+#                                   Embedders                                   #
+#################################################################################
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding of the raw integer timestep followed by an MLP (DiT)."""
+
+    def __init__(self, n_hidden: int, n_frequencies: int = 256, max_period: float = 1e4):
+        super().__init__()
+        self.n_frequencies = n_frequencies
+        self.max_period = max_period
+        self.mlp = nn.Sequential(nn.Linear(n_frequencies, n_hidden), nn.SiLU(), nn.Linear(n_hidden, n_hidden))
+
+    def sinusoid(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.n_frequencies // 2
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.float()[:, None] * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, H)
+        return self.mlp(self.sinusoid(t))
+
+
+class CovariateEmbedder(nn.Module):
+    """One-hot covariate branches (perturbation, context, batch) -> adaLN class embedding.
+
+    Each branch is an ``nn.Embedding`` to ``n_cov`` dims; the three are concatenated, projected to
+    ``n_cov_hidden`` (the released code uses the gene count here), then SiLU and a Linear to ``H``.
+    ``drop`` replaces the whole embedding by a learned null embedding (classifier-free guidance).
+    """
+
+    def __init__(self, n_perturbations: int, n_contexts: int, n_batches: int, n_hidden: int, n_cov: int,
+                 n_cov_hidden: int):
+        super().__init__()
+        self.perturbation = nn.Embedding(n_perturbations, n_cov)
+        self.context = nn.Embedding(n_contexts, n_cov)
+        self.batch = nn.Embedding(n_batches, n_cov)
+        self.project = nn.Linear(3 * n_cov, n_cov_hidden)
+        self.to_hidden = nn.Sequential(nn.SiLU(), nn.Linear(n_cov_hidden, n_hidden))
+        self.null = nn.Parameter(torch.zeros(n_hidden))
+
+    def forward(self, pert: torch.Tensor, ctx: torch.Tensor, batch: torch.Tensor,
+                drop: torch.Tensor | None = None) -> torch.Tensor:  # codes (B,) -> (B, H)
+        cov = torch.cat([self.perturbation(pert), self.context(ctx), self.batch(batch)], dim=-1)
+        emb = self.to_hidden(self.project(cov))
+        if drop is not None:
+            emb = torch.where(drop[:, None], self.null.expand_as(emb), emb)
+        return emb
+
+
+#################################################################################
+#                                 Core blocks                                   #
+#################################################################################
+
+
+class JointSetAttention(nn.Module):
+    """Multi-head self-attention over the S cell tokens of width ``2H`` with RMSNorm q/k-norm."""
+
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"2 * n_hidden ({dim}) must be divisible by n_heads ({n_heads}).")
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.q_norm = nn.RMSNorm(dim // n_heads, eps=1e-6)
+        self.k_norm = nn.RMSNorm(dim // n_heads, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:  # (B, S, 2H) -> (B, S, 2H)
+        b, s, d = u.shape
+        q, k, v = self.qkv(u).view(b, s, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)  # (B, heads, S, d_head)
+        return self.proj(out.transpose(1, 2).reshape(b, s, d))
+
+
+class Mlp(nn.Sequential):
+    """H -> ratio*H -> H with tanh-GELU."""
+
+    def __init__(self, dim: int, ratio: float):
+        hidden = int(dim * ratio)
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+
+class StreamModulation(nn.Module):
+    """Per-stream adaLN-Zero: c -> (shift, scale, gate) for the attention and the MLP branch."""
+
+    def __init__(self, n_hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(n_hidden, 6 * n_hidden)
+
+    def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(F.silu(c)).chunk(6, dim=-1)
+
+
+class JointDiTBlock(nn.Module):
+    """MM-DiT block of the released model: two streams, one joint attention, parallel residuals.
+
+    Both LayerNorms see the block input (parallel form); only the attention mixes cells.
+    """
+
+    def __init__(self, n_hidden: int, n_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.n_hidden = n_hidden
+        self.norm1, self.norm2 = nn.LayerNorm(n_hidden, elementwise_affine=False, eps=1e-6), nn.LayerNorm(
+            n_hidden, elementwise_affine=False, eps=1e-6
+        )
+        self.norm1_c, self.norm2_c = nn.LayerNorm(n_hidden, elementwise_affine=False, eps=1e-6), nn.LayerNorm(
+            n_hidden, elementwise_affine=False, eps=1e-6
+        )
+        self.attn = JointSetAttention(2 * n_hidden, n_heads)
+        self.mlp, self.mlp_c = Mlp(n_hidden, mlp_ratio), Mlp(n_hidden, mlp_ratio)
+        self.ada, self.ada_c = StreamModulation(n_hidden), StreamModulation(n_hidden)
+
+    def forward(self, h: torch.Tensor, hc: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.ada(c)
+        cshift_a, cscale_a, cgate_a, cshift_m, cscale_m, cgate_m = self.ada_c(c)
+        a = modulate(self.norm1(h), shift_a, scale_a)  # (B, S, H)
+        ac = modulate(self.norm1_c(hc), cshift_a, cscale_a)  # (B, S, H)
+        m = self.mlp(modulate(self.norm2(h), shift_m, scale_m))  # MLP branch sees the block input
+        mc = self.mlp_c(modulate(self.norm2_c(hc), cshift_m, cscale_m))
+        dh, dhc = self.attn(torch.cat([a, ac], dim=-1)).split(self.n_hidden, dim=-1)  # (B, S, H) each
+        h = h + gate_a.unsqueeze(1) * dh + gate_m.unsqueeze(1) * m
+        hc = hc + cgate_a.unsqueeze(1) * dhc + cgate_m.unsqueeze(1) * mc
+        return h, hc
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm + adaLN shift/scale + Linear(H -> G) + ReLU (predictions are non-negative log1p values)."""
+
+    def __init__(self, n_hidden: int, n_genes: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(n_hidden, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Linear(n_hidden, 2 * n_hidden)
+        self.linear = nn.Linear(n_hidden, n_genes)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # (B, S, H) -> (B, S, G)
+        shift, scale = self.ada(F.silu(c)).chunk(2, dim=-1)
+        return F.relu(self.linear(modulate(self.norm(h), shift, scale)))
+
+
+#################################################################################
+#                                   SetDiT                                      #
+#################################################################################
+
+
+class SetDiT(nn.Module):
+    """Denoiser over cell sets: predicts ``x0`` for all S perturbed cells jointly.
+
+    Parameters
+    ----------
+    n_genes
+        Genes per cell ``G`` (one token per cell).
+    n_perturbations, n_contexts, n_batches
+        Number of categories of each covariate.
+    n_hidden
+        Token width ``H`` (the joint attention runs at ``2H``).
+    depth
+        Number of :class:`JointDiTBlock`.
+    n_heads
+        Attention heads of the joint attention.
+    mlp_ratio
+        MLP expansion.
+    n_cov
+        Width of each covariate branch (128 in the released model).
+    n_cov_hidden
+        Width between the concatenated covariates and the class embedding; ``None`` uses ``n_genes``
+        as the released code does.
+    """
+
+    def __init__(self, n_genes: int, n_perturbations: int, n_contexts: int, n_batches: int, *, n_hidden: int = 128,
+                 depth: int = 2, n_heads: int = 4, mlp_ratio: float = 4.0, n_cov: int = 64,
+                 n_cov_hidden: int | None = None):
+        super().__init__()
+        self.n_genes = n_genes
+        self.x_embed = nn.Linear(2 * n_genes, n_hidden)  # [x_t ; self-conditioning estimate]
+        # The released control embedder is Linear(2G -> H) on [x_ctrl ; 0]: identical to Linear(G -> H) on x_ctrl.
+        self.ctrl_embed = nn.Linear(n_genes, n_hidden)
+        self.null_gene_embedding = nn.Parameter(torch.zeros(n_hidden))
+        self.t_embed = TimestepEmbedder(n_hidden)
+        self.cov_embed = CovariateEmbedder(n_perturbations, n_contexts, n_batches, n_hidden, n_cov,
+                                           n_cov_hidden or n_genes)
+        self.blocks = nn.ModuleList([JointDiTBlock(n_hidden, n_heads, mlp_ratio) for _ in range(depth)])
+        self.final = FinalLayer(n_hidden, n_genes)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Xavier for Linear layers, N(0, 0.02) timestep MLP, zeroed adaLN outputs (adaLN-Zero)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.t_embed.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        for block in self.blocks:
+            for ada in (block.ada.linear, block.ada_c.linear):
+                nn.init.zeros_(ada.weight)
+                nn.init.zeros_(ada.bias)
+        # The output Linear is not zeroed: with x0-prediction behind a ReLU a zero layer has no gradient.
+        nn.init.zeros_(self.final.ada.weight)
+        nn.init.zeros_(self.final.ada.bias)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, x_ctrl: torch.Tensor, pert: torch.Tensor,
+                ctx: torch.Tensor, batch: torch.Tensor, self_cond: torch.Tensor | None = None,
+                drop_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict ``x0`` of shape ``(B, S, G)`` from ``x_t`` ``(B, S, G)`` and controls ``(B, S, G)``.
+
+        ``t``, ``pert``, ``ctx``, ``batch`` are ``(B,)`` integer tensors; ``drop_cond`` ``(B,)`` bool
+        replaces the covariates of those sets by the null embedding.
+        """
+        if self_cond is None:
+            self_cond = torch.zeros_like(x_t)
+        h = self.x_embed(torch.cat([x_t, self_cond], dim=-1)) + self.null_gene_embedding  # (B, S, H)
+        hc = self.ctrl_embed(x_ctrl) + self.null_gene_embedding  # (B, S, H)
+        c = self.t_embed(t) + self.cov_embed(pert, ctx, batch, drop_cond)  # (B, H)
+        for block in self.blocks:
+            h, hc = block(h, hc, c)
+        return self.final(h, c)  # (B, S, G), >= 0

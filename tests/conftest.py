@@ -1,36 +1,9 @@
-"""Shared fixtures: a tiny synthetic perturbation AnnData and a tiny model configuration.
-
-scvi-tools is imported once per session (it costs ~10 s).
-"""
+"""Shared fixtures. scvi-tools is imported once per session (it costs ~10 s)."""
 
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
 import pytest
-from anndata import AnnData
-from scipy import sparse
-
-# Sizes that keep a whole train -> predict -> save -> load cycle to a few seconds on 2 CPU cores.
-TINY = {"set_size": 8, "n_hidden": 16, "depth": 1, "n_heads": 2, "n_cov": 8, "n_timesteps": 20}
-TINY_TRAIN = {"max_steps": 6, "batch_size": 4, "enable_progress_bar": False, "accelerator": "cpu"}
-
-
-def make_perturbation_adata(n_cells: int = 240, n_genes: int = 30, seed: int = 0, sparse_x: bool = True) -> AnnData:
-    """Log-normalised synthetic data: perturbation A up-regulates genes 0-4 and B down-regulates 5-9."""
-    rng = np.random.default_rng(seed)
-    pert = rng.choice(["ctrl", "A", "B"], n_cells, p=[0.4, 0.3, 0.3])
-    ctx = rng.choice(["c0", "c1"], n_cells)
-    batch = rng.choice(["b0", "b1"], n_cells)
-    rate = np.full((n_cells, n_genes), 2.0)
-    rate[ctx == "c1", 10:15] *= 3
-    rate[pert == "A", :5] *= 6
-    rate[pert == "B", 5:10] *= 0.1
-    counts = rng.poisson(rate).astype(np.float32)
-    x = np.log1p(counts / np.maximum(counts.sum(1, keepdims=True), 1) * 100).astype(np.float32)
-    obs = pd.DataFrame({"pert": pert, "ctx": ctx, "batch": batch}, index=[f"cell{i}" for i in range(n_cells)])
-    var = pd.DataFrame(index=[f"gene{j}" for j in range(n_genes)])
-    return AnnData(X=sparse.csr_matrix(x) if sparse_x else x, obs=obs, var=var)
+from _helpers import TINY, TINY_TRAIN, make_perturbation_adata
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,9 @@ def adata():
 def setup_adata(scvi_module, adata):
     from perturbdiff_scvi import PerturbDiff
 
-    PerturbDiff.setup_anndata(adata, perturbation_key="pert", control_value="ctrl", context_key="ctx",
-                              batch_key="batch")
+    PerturbDiff.setup_anndata(
+        adata, perturbation_key="pert", control_value="ctrl", context_key="ctx", batch_key="batch"
+    )
     return adata
 
 

@@ -17,8 +17,15 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 
 __all__ = ["PAPER_CONFIG", "PerturbDiff", "datasets"]
 
-_LAZY = {"PerturbDiff": "model", "PAPER_CONFIG": "model", "model": None, "module": None, "nn": None,
-         "diffusion": None, "data": None}
+_LAZY = {
+    "PerturbDiff": "model",
+    "PAPER_CONFIG": "model",
+    "model": None,
+    "module": None,
+    "nn": None,
+    "diffusion": None,
+    "data": None,
+}
 
 
 def __getattr__(name: str):

@@ -9,8 +9,11 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m perturbdiff_scvi", description="PerturbDiff for scverse.")
     sub = parser.add_subparsers(dest="command", required=True)
-    qs = sub.add_parser("quickstart", help="Train on bundled Kang 2018 PBMC with stimulated CD4T held out, predict "
-                        "them, and write a UMAP, the predicted AnnData and metrics.")
+    qs = sub.add_parser(
+        "quickstart",
+        help="Train on bundled Kang 2018 PBMC with stimulated CD4T held out, predict "
+        "them, and write a UMAP, the predicted AnnData and metrics.",
+    )
     qs.add_argument("--out", default="perturbdiff_quickstart", help="output folder (default: %(default)s)")
     qs.add_argument("--max-steps", type=int, default=None, help="training steps (default: the model default, 1500)")
     qs.add_argument("--seed", type=int, default=0)
@@ -20,8 +23,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from ._quickstart import run_quickstart, summarise
 
-    metrics = run_quickstart(args.out, max_steps=args.max_steps, seed=args.seed, accelerator=args.accelerator,
-                             progress=not args.no_progress)
+    metrics = run_quickstart(
+        args.out, max_steps=args.max_steps, seed=args.seed, accelerator=args.accelerator, progress=not args.no_progress
+    )
     print(summarise(metrics))
     print(f"Wrote {args.out}/umap_real_vs_predicted.png, predicted_cd4t_stimulated.h5ad, metrics.json")
     return 0

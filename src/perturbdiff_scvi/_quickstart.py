@@ -17,9 +17,16 @@ HELD_OUT_CONTEXT = "CD4T"
 PERTURBATION = "stimulated"
 
 
-def run_quickstart(out_dir: str | Path = "perturbdiff_quickstart", *, max_steps: int | None = None,
-                   n_top_genes: int = 2000, seed: int = 0, progress: bool = True, accelerator: str = "auto",
-                   model_kwargs: dict | None = None) -> dict:
+def run_quickstart(
+    out_dir: str | Path = "perturbdiff_quickstart",
+    *,
+    max_steps: int | None = None,
+    n_top_genes: int = 2000,
+    seed: int = 0,
+    progress: bool = True,
+    accelerator: str = "auto",
+    model_kwargs: dict | None = None,
+) -> dict:
     """Train PerturbDiff on bundled Kang 2018 PBMC with stimulated CD4T held out and evaluate the prediction.
 
     Writes ``umap_real_vs_predicted.png``, ``predicted_cd4t_stimulated.h5ad`` and ``metrics.json`` into
@@ -55,8 +62,9 @@ def run_quickstart(out_dir: str | Path = "perturbdiff_quickstart", *, max_steps:
     genes = train.var_names[train.var["highly_variable"].to_numpy()]
     train = train[:, genes].copy()
     real = adata[held_out.to_numpy(), genes].copy()
-    control = adata[((adata.obs["cell_type"] == HELD_OUT_CONTEXT) & (adata.obs["condition"] == "control")).to_numpy(),
-                    genes].copy()
+    control = adata[
+        ((adata.obs["cell_type"] == HELD_OUT_CONTEXT) & (adata.obs["condition"] == "control")).to_numpy(), genes
+    ].copy()
 
     PerturbDiff.setup_anndata(train, perturbation_key="condition", control_value="control", context_key="cell_type")
     model = PerturbDiff(train, **(model_kwargs or {}))
@@ -72,8 +80,12 @@ def run_quickstart(out_dir: str | Path = "perturbdiff_quickstart", *, max_steps:
     metrics = {
         "task": f"Kang 2018 PBMC: predict IFN-beta '{PERTURBATION}' {HELD_OUT_CONTEXT} cells, never seen in training",
         "n_genes": int(len(genes)),
-        "n_cells": {"train": int(train.n_obs), "real_stimulated_cd4t": int(real.n_obs),
-                    "control_cd4t": int(control.n_obs), "predicted": int(pred.n_obs)},
+        "n_cells": {
+            "train": int(train.n_obs),
+            "real_stimulated_cd4t": int(real.n_obs),
+            "control_cd4t": int(control.n_obs),
+            "predicted": int(pred.n_obs),
+        },
         "energy_distance_pred_vs_real": energy_distance(pred.X, real.X),
         "energy_distance_control_vs_real": energy_distance(control.X, real.X),
         "pearson_delta_top100_de": pearson_delta(pred.X, real.X, control.X, genes=de),
@@ -85,17 +97,22 @@ def run_quickstart(out_dir: str | Path = "perturbdiff_quickstart", *, max_steps:
         "python": platform.python_version(),
         "device": str(model.device),
     }
-    metrics["prediction_closer_than_control"] = (metrics["energy_distance_pred_vs_real"]
-                                                 < metrics["energy_distance_control_vs_real"])
+    metrics["prediction_closer_than_control"] = (
+        metrics["energy_distance_pred_vs_real"] < metrics["energy_distance_control_vs_real"]
+    )
 
     pred.write_h5ad(out / "predicted_cd4t_stimulated.h5ad")
-    combined = ad.concat({"real control": control, "real stimulated": real, "predicted stimulated": pred},
-                         label="source", index_unique="-")
+    combined = ad.concat(
+        {"real control": control, "real stimulated": real, "predicted stimulated": pred},
+        label="source",
+        index_unique="-",
+    )
     sc.pp.pca(combined, n_comps=30, random_state=seed)
     sc.pp.neighbors(combined, random_state=seed)
     sc.tl.umap(combined, random_state=seed)
-    fig = sc.pl.umap(combined, color="source", title=f"{HELD_OUT_CONTEXT}: real vs PerturbDiff", return_fig=True,
-                     show=False)
+    fig = sc.pl.umap(
+        combined, color="source", title=f"{HELD_OUT_CONTEXT}: real vs PerturbDiff", return_fig=True, show=False
+    )
     fig.savefig(out / "umap_real_vs_predicted.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     metrics["seconds"]["total"] = round(time.time() - start, 1)
@@ -118,5 +135,8 @@ def summarise(metrics: dict) -> str:
 
 def metrics_are_sane(metrics: dict) -> bool:
     """The prediction moved toward the truth (what the end-to-end test also asserts)."""
-    return bool(metrics["prediction_closer_than_control"] and metrics["pearson_delta_top100_de"] > 0.5
-                and np.isfinite(metrics["energy_distance_pred_vs_real"]))
+    return bool(
+        metrics["prediction_closer_than_control"]
+        and metrics["pearson_delta_top100_de"] > 0.5
+        and np.isfinite(metrics["energy_distance_pred_vs_real"])
+    )

@@ -12,8 +12,9 @@ def test_setup_registers_fields_and_leaves_data(scvi_module, adata):
     from perturbdiff_scvi import PerturbDiff
 
     x_before, obs_before = adata.X.copy(), adata.obs.copy()
-    PerturbDiff.setup_anndata(adata, perturbation_key="pert", control_value="ctrl", context_key="ctx",
-                              batch_key="batch")
+    PerturbDiff.setup_anndata(
+        adata, perturbation_key="pert", control_value="ctrl", context_key="ctx", batch_key="batch"
+    )
     model = PerturbDiff(adata, **TINY)
     assert model.summary_stats["n_perturbation"] == 3
     assert model.summary_stats["n_context"] == 2
@@ -72,8 +73,16 @@ def test_validation_and_early_stopping(setup_adata):
     from perturbdiff_scvi import PerturbDiff
 
     model = PerturbDiff(setup_adata, **TINY)
-    model.train(max_epochs=3, batch_size=4, validation_size=0.3, split="cell", early_stopping=True,
-                check_val_every_n_epoch=1, enable_progress_bar=False, accelerator="cpu")
+    model.train(
+        max_epochs=3,
+        batch_size=4,
+        validation_size=0.3,
+        split="cell",
+        early_stopping=True,
+        check_val_every_n_epoch=1,
+        enable_progress_bar=False,
+        accelerator="cpu",
+    )
     assert "validation_loss" in model.history
     assert len(np.intersect1d(model.train_indices, model.validation_indices)) == 0
 
@@ -87,8 +96,9 @@ def test_early_stopping_without_validation_is_clear(setup_adata):
 
 
 def test_predict_population_output(trained_model, setup_adata):
-    pred = trained_model.predict_population(["A", "B"], contexts=["c0", "c1"], n_cells=10, n_populations=2,
-                                            seed=1, n_steps=4, guidance_scale=1.0)
+    pred = trained_model.predict_population(
+        ["A", "B"], contexts=["c0", "c1"], n_cells=10, n_populations=2, seed=1, n_steps=4, guidance_scale=1.0
+    )
     # 2 perturbations x 2 contexts x 2 batches (each with controls) x 2 populations x 10 cells
     assert pred.shape == (2 * 2 * 2 * 2 * 10, setup_adata.n_vars)
     assert list(pred.var_names) == list(setup_adata.var_names)
@@ -143,8 +153,13 @@ def test_predict_category_without_cells(scvi_module):
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"n_cells": 0}, "n_cells"), ({"n_steps": 0}, "n_steps"), ({"n_steps": 101}, "n_steps"),
-     ({"guidance_scale": -1.0}, "guidance_scale"), ({"sampler": "euler"}, "sampler")],
+    [
+        ({"n_cells": 0}, "n_cells"),
+        ({"n_steps": 0}, "n_steps"),
+        ({"n_steps": 101}, "n_steps"),
+        ({"guidance_scale": -1.0}, "guidance_scale"),
+        ({"sampler": "euler"}, "sampler"),
+    ],
 )
 def test_predict_bad_arguments(trained_model, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -171,8 +186,9 @@ def test_control_adata(trained_model, setup_adata):
     own = make_perturbation_adata(seed=5, sparse_x=False)
     own = own[own.obs.pert == "ctrl"].copy()
     own = own[:, own.var_names[::-1]].copy()  # genes in another order are matched by name
-    pred = trained_model.predict_population("A", contexts="c0", batches="b0", control_adata=own, n_cells=6,
-                                            seed=0, n_steps=2)
+    pred = trained_model.predict_population(
+        "A", contexts="c0", batches="b0", control_adata=own, n_cells=6, seed=0, n_steps=2
+    )
     assert pred.uns["perturbdiff"]["controls"] == "control_adata"
     assert list(pred.var_names) == list(setup_adata.var_names)
     with pytest.raises(ValueError, match="lacks 5 of the 30 training genes"):
@@ -189,8 +205,9 @@ def test_control_adata_changes_prediction(trained_model):
     own = own[own.obs.pert == "ctrl"].copy()
     own.X = own.X * 0.2
     a = trained_model.predict_population("A", contexts="c0", batches="b0", n_cells=8, seed=0, n_steps=3)
-    b = trained_model.predict_population("A", contexts="c0", batches="b0", n_cells=8, seed=0, n_steps=3,
-                                         control_adata=own)
+    b = trained_model.predict_population(
+        "A", contexts="c0", batches="b0", n_cells=8, seed=0, n_steps=3, control_adata=own
+    )
     assert not np.allclose(a.X, b.X)
 
 
@@ -202,8 +219,14 @@ def test_setup_mudata_obs_on_modality(scvi_module):
     rna = make_perturbation_adata()
     mdata = mudata.MuData({"rna": rna})
     mdata.obs["pert"] = rna.obs["pert"]  # one key on the MuData, the others only on the modality
-    PerturbDiff.setup_mudata(mdata, perturbation_key="pert", control_value="ctrl", context_key="ctx",
-                             batch_key="batch", modalities={"rna_layer": "rna"})
+    PerturbDiff.setup_mudata(
+        mdata,
+        perturbation_key="pert",
+        control_value="ctrl",
+        context_key="ctx",
+        batch_key="batch",
+        modalities={"rna_layer": "rna"},
+    )
     model = PerturbDiff(mdata, **TINY)
     model.train(**TINY_TRAIN)
     pred = model.predict_population("B", contexts="c1", n_cells=4, seed=0, n_steps=2)

@@ -48,9 +48,19 @@ class SetDataSplitter(pl.LightningDataModule):
         Seed of the split and of the set sampler; ``None`` uses ``scvi.settings.seed``.
     """
 
-    def __init__(self, adata_manager, control_code: int, *, set_size: int, sets_per_batch: int = 8,
-                 validation_size: float = 0.1, split: SplitName = "set", train_on_controls: bool = True,
-                 seed: int | None = None, pin_memory: bool = False):
+    def __init__(
+        self,
+        adata_manager,
+        control_code: int,
+        *,
+        set_size: int,
+        sets_per_batch: int = 8,
+        validation_size: float = 0.1,
+        split: SplitName = "set",
+        train_on_controls: bool = True,
+        seed: int | None = None,
+        pin_memory: bool = False,
+    ):
         super().__init__()
         self.adata_manager = adata_manager
         self.control_code = control_code
@@ -74,11 +84,15 @@ class SetDataSplitter(pl.LightningDataModule):
             raise ValueError("No perturbed cells to train on: every cell is a control cell.")
         self._warn_fallbacks(groups)
         rng = np.random.default_rng(self.seed)
-        self.train_groups, self.val_groups = split_groups(groups, self.validation_size, split=self.split,
-                                                          set_size=self.set_size, rng=rng)
+        self.train_groups, self.val_groups = split_groups(
+            groups, self.validation_size, split=self.split, set_size=self.set_size, rng=rng
+        )
         self.train_idx = np.sort(np.concatenate(list(self.train_groups.members.values())))
-        self.val_idx = (np.sort(np.concatenate(list(self.val_groups.members.values())))
-                        if self.val_groups.members else np.array([], dtype=np.int64))
+        self.val_idx = (
+            np.sort(np.concatenate(list(self.val_groups.members.values())))
+            if self.val_groups.members
+            else np.array([], dtype=np.int64)
+        )
         self.test_idx = np.setdiff1d(np.arange(len(pert)), np.union1d(self.train_idx, self.val_idx))
         self.n_train, self.n_val = len(self.train_idx), len(self.val_idx)
 
@@ -93,17 +107,25 @@ class SetDataSplitter(pl.LightningDataModule):
                 f"{len(pairs)} (context, batch) pair(s) have perturbed cells but no control cells; their control "
                 f"sets are drawn from a wider pool ({shown}{', ...' if len(pairs) > 5 else ''}). Fallback order: "
                 "same context in other batches, then same batch in other contexts, then all controls.",
-                UserWarning, stacklevel=settings.warnings_stacklevel,
+                UserWarning,
+                stacklevel=settings.warnings_stacklevel,
             )
 
     def _loader(self, groups: CellGroups, fixed: bool) -> DataLoader:
         dataset = self.adata_manager.create_torch_dataset(
-            data_and_attributes={PDIFF_KEYS.X_KEY: np.float32, PDIFF_KEYS.PERT_KEY: np.int64,
-                                 PDIFF_KEYS.CONTEXT_KEY: np.int64, PDIFF_KEYS.BATCH_KEY: np.int64})
-        sampler = SetBatchSampler(groups, self.set_size, self.sets_per_batch,
-                                  seed=self.seed + (10_000 if fixed else 1), fixed=fixed)
-        return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=settings.dl_num_workers,
-                          pin_memory=self.pin_memory)
+            data_and_attributes={
+                PDIFF_KEYS.X_KEY: np.float32,
+                PDIFF_KEYS.PERT_KEY: np.int64,
+                PDIFF_KEYS.CONTEXT_KEY: np.int64,
+                PDIFF_KEYS.BATCH_KEY: np.int64,
+            }
+        )
+        sampler = SetBatchSampler(
+            groups, self.set_size, self.sets_per_batch, seed=self.seed + (10_000 if fixed else 1), fixed=fixed
+        )
+        return DataLoader(
+            dataset, sampler=sampler, batch_size=None, num_workers=settings.dl_num_workers, pin_memory=self.pin_memory
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_groups, fixed=False)

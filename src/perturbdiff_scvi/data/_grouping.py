@@ -43,8 +43,9 @@ class CellGroups:
         return int(sum(len(v) for v in self.members.values()))
 
 
-def control_pool(pert: np.ndarray, ctx: np.ndarray, batch: np.ndarray, control_code: int, context: int,
-                 batch_code: int) -> tuple[np.ndarray, FallbackLevel]:
+def control_pool(
+    pert: np.ndarray, ctx: np.ndarray, batch: np.ndarray, control_code: int, context: int, batch_code: int
+) -> tuple[np.ndarray, FallbackLevel]:
     """Control rows for one (context, batch), widening along :data:`FALLBACK_ORDER` when empty."""
     is_ctrl = pert == control_code
     masks = {
@@ -60,8 +61,15 @@ def control_pool(pert: np.ndarray, ctx: np.ndarray, batch: np.ndarray, control_c
     raise ValueError("There are no control cells at all; PerturbDiff conditions every set on control cells.")
 
 
-def group_cells(pert: np.ndarray, ctx: np.ndarray, batch: np.ndarray, control_code: int, *,
-                include_controls: bool = True, rows: np.ndarray | None = None) -> CellGroups:
+def group_cells(
+    pert: np.ndarray,
+    ctx: np.ndarray,
+    batch: np.ndarray,
+    control_code: int,
+    *,
+    include_controls: bool = True,
+    rows: np.ndarray | None = None,
+) -> CellGroups:
     """Group ``rows`` (default: all) by (perturbation, context, batch) and attach control pools.
 
     ``include_controls`` also makes the control cells of each (context, batch) a target group
@@ -89,8 +97,14 @@ def group_cells(pert: np.ndarray, ctx: np.ndarray, batch: np.ndarray, control_co
     return groups
 
 
-def split_groups(groups: CellGroups, validation_size: float, *, split: SplitName = "set", set_size: int = 64,
-                 rng: np.random.Generator) -> tuple[CellGroups, CellGroups]:
+def split_groups(
+    groups: CellGroups,
+    validation_size: float,
+    *,
+    split: SplitName = "set",
+    set_size: int = 64,
+    rng: np.random.Generator,
+) -> tuple[CellGroups, CellGroups]:
     """Split target cells into training and validation groups without sharing any cell.
 
     - ``"set"``: each group is shuffled and cut into blocks of ``set_size`` cells; a share

@@ -29,8 +29,9 @@ class SetBatchSampler(Sampler[list[int]]):
         Replay the same epoch every time (for a comparable validation loss).
     """
 
-    def __init__(self, groups: CellGroups, set_size: int, sets_per_batch: int, seed: int | None = None,
-                 fixed: bool = False):
+    def __init__(
+        self, groups: CellGroups, set_size: int, sets_per_batch: int, seed: int | None = None, fixed: bool = False
+    ):
         if set_size < 1 or sets_per_batch < 1:
             raise ValueError(f"set_size and sets_per_batch must be >= 1; got {set_size} and {sets_per_batch}.")
         self.groups = groups

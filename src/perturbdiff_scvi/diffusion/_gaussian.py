@@ -55,8 +55,7 @@ class GaussianDiffusion(nn.Module):
         abar_prev = self._abar(t_prev)
         return abar_prev**0.5 * x0 + (1 - abar_prev) ** 0.5 * eps
 
-    def ddpm_step(self, x_t: torch.Tensor, x0: torch.Tensor, t: int, t_prev: int,
-                  noise: torch.Tensor) -> torch.Tensor:
+    def ddpm_step(self, x_t: torch.Tensor, x0: torch.Tensor, t: int, t_prev: int, noise: torch.Tensor) -> torch.Tensor:
         """Ancestral step of the (respaced) posterior ``q(x_{t_prev} | x_t, x0)``, fixed-large variance."""
         if t_prev < 0:
             return x0

@@ -15,21 +15,31 @@ SamplerName = Literal["ddim", "ddpm"]
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
 
 
-def guided_x0(x0_cond: torch.Tensor, x0_uncond: torch.Tensor | None, guidance_scale: float,
-              cutoff: float = 1e-4) -> torch.Tensor:
+def guided_x0(
+    x0_cond: torch.Tensor, x0_uncond: torch.Tensor | None, guidance_scale: float, cutoff: float = 1e-4
+) -> torch.Tensor:
     """Classifier-free guidance ``(1 + w) x0_c - w x0_u``, then values below ``cutoff`` set to 0.
 
     At fixed ``(x_t, t)`` the noise estimate is affine in ``x0``, so this equals guidance in
     eps-space ``(1 + w) eps_c - w eps_u`` followed by recomputing ``x0`` (the released formula).
     """
-    x0 = x0_cond if x0_uncond is None or guidance_scale == 0 else (1 + guidance_scale) * x0_cond - guidance_scale * x0_uncond
+    x0 = x0_cond
+    if x0_uncond is not None and guidance_scale != 0:
+        x0 = (1 + guidance_scale) * x0_cond - guidance_scale * x0_uncond
     return torch.where(x0 < cutoff, torch.zeros_like(x0), x0)
 
 
-def sample_loop_progressive(denoise: DenoiseFn, diffusion: GaussianDiffusion, shape: tuple[int, ...], *,
-                            n_steps: int = 50, sampler: SamplerName = "ddim", guidance_scale: float = 1.0,
-                            generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-                            ) -> Iterator[tuple[int, torch.Tensor]]:
+def sample_loop_progressive(
+    denoise: DenoiseFn,
+    diffusion: GaussianDiffusion,
+    shape: tuple[int, ...],
+    *,
+    n_steps: int = 50,
+    sampler: SamplerName = "ddim",
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(t, x0_estimate)`` at each of ``n_steps`` strided steps from pure noise to ``t = 0``.
 
     Noise is drawn on the CPU from ``generator`` so that a seed gives the same sample on any device.
@@ -55,7 +65,7 @@ def sample_loop_progressive(denoise: DenoiseFn, diffusion: GaussianDiffusion, sh
 
 def sample_loop(denoise: DenoiseFn, diffusion: GaussianDiffusion, shape: tuple[int, ...], **kwargs) -> torch.Tensor:
     """Run :func:`sample_loop_progressive` to the end and return the final clean sets ``(B, S, G)``."""
-    x0 = None
+    final = None
     for _, x0 in sample_loop_progressive(denoise, diffusion, shape, **kwargs):
-        pass
-    return x0
+        final = x0
+    return final

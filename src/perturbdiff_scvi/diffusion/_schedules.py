@@ -29,7 +29,9 @@ def cosine_beta_schedule(n_timesteps: int, s: float = 0.008, max_beta: float = 0
     def alpha_bar(u: float) -> float:
         return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
 
-    betas = [min(1 - alpha_bar((i + 1) / n_timesteps) / alpha_bar(i / n_timesteps), max_beta) for i in range(n_timesteps)]
+    betas = [
+        min(1 - alpha_bar((i + 1) / n_timesteps) / alpha_bar(i / n_timesteps), max_beta) for i in range(n_timesteps)
+    ]
     return np.asarray(betas, dtype=np.float64)
 
 
@@ -49,7 +51,8 @@ def space_timesteps(n_timesteps: int, n_steps: int) -> np.ndarray:
     ``n_steps >= 2``.
     """
     if not 1 <= n_steps <= n_timesteps:
-        raise ValueError(f"n_steps must be between 1 and the number of diffusion timesteps ({n_timesteps}); "
-                         f"got {n_steps}.")
+        raise ValueError(
+            f"n_steps must be between 1 and the number of diffusion timesteps ({n_timesteps}); got {n_steps}."
+        )
     steps = np.unique(np.round(np.linspace(0, n_timesteps - 1, n_steps)).astype(np.int64))
     return steps[::-1].copy()

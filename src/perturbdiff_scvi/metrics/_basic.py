@@ -55,8 +55,7 @@ def top_de_genes(real, control, n: int = 100) -> np.ndarray:
     tmp = ad.AnnData(x.astype(np.float32))
     tmp.obs["group"] = labels
     tmp.obs["group"] = tmp.obs["group"].astype("category")
-    sc.tl.rank_genes_groups(tmp, "group", groups=["real"], reference="control", method="wilcoxon",
-                            n_genes=tmp.n_vars)
+    sc.tl.rank_genes_groups(tmp, "group", groups=["real"], reference="control", method="wilcoxon", n_genes=tmp.n_vars)
     scores = np.asarray(tmp.uns["rank_genes_groups"]["scores"]["real"], dtype=np.float64)
     names = np.asarray(tmp.uns["rank_genes_groups"]["names"]["real"]).astype(int)
     return names[np.argsort(-np.abs(scores), kind="stable")[:n]]

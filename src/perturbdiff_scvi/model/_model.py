@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -14,7 +13,6 @@ import rich.pretty  # noqa: F401  (scvi 1.4.2 + rich>=15: view_anndata_setup nee
 import torch
 from anndata import AnnData
 from scipy import sparse
-from scvi import settings
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField, MuDataCategoricalObsField, MuDataLayerField
 from scvi.model.base import BaseModelClass
@@ -108,27 +106,62 @@ class PerturbDiff(BaseModelClass):
     _training_plan_cls = DiffusionTrainingPlan
     _train_runner_cls = TrainRunner
 
-    def __init__(self, adata: AnnData | MuData | None = None, *, set_size: int = 64, n_hidden: int = 128,
-                 depth: int = 2, n_heads: int = 4, mlp_ratio: float = 4.0, n_cov: int = 64,
-                 n_cov_hidden: int | None = None, n_timesteps: int = 1000,
-                 beta_schedule: Literal["linear", "cosine"] = "linear", input_scale: float = 10.0,
-                 energy_weight: float = 1.0, mse_weight: float = 1.0, p_drop_cond: float = 0.5,
-                 p_self_cond: float = 0.5, ema_decay: float = 0.99, ema_every: int = 1):
+    def __init__(
+        self,
+        adata: AnnData | MuData | None = None,
+        *,
+        set_size: int = 64,
+        n_hidden: int = 128,
+        depth: int = 2,
+        n_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        n_cov: int = 64,
+        n_cov_hidden: int | None = None,
+        n_timesteps: int = 1000,
+        beta_schedule: Literal["linear", "cosine"] = "linear",
+        input_scale: float = 10.0,
+        energy_weight: float = 1.0,
+        mse_weight: float = 1.0,
+        p_drop_cond: float = 0.5,
+        p_self_cond: float = 0.5,
+        ema_decay: float = 0.99,
+        ema_every: int = 1,
+    ):
         super().__init__(adata)
-        for name, value in {"set_size": set_size, "n_hidden": n_hidden, "depth": depth, "n_heads": n_heads,
-                            "n_timesteps": n_timesteps, "ema_every": ema_every}.items():
+        for name, value in {
+            "set_size": set_size,
+            "n_hidden": n_hidden,
+            "depth": depth,
+            "n_heads": n_heads,
+            "n_timesteps": n_timesteps,
+            "ema_every": ema_every,
+        }.items():
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}.")
         if (2 * n_hidden) % n_heads:
             raise ValueError(f"2 * n_hidden ({2 * n_hidden}) must be divisible by n_heads ({n_heads}).")
         ss = self.summary_stats
         self.module = self._module_cls(
-            n_genes=ss.n_vars, n_perturbations=ss[f"n_{PDIFF_KEYS.PERT_KEY}"],
-            n_contexts=ss[f"n_{PDIFF_KEYS.CONTEXT_KEY}"], n_batches=ss[f"n_{PDIFF_KEYS.BATCH_KEY}"],
-            set_size=set_size, n_hidden=n_hidden, depth=depth, n_heads=n_heads, mlp_ratio=mlp_ratio, n_cov=n_cov,
-            n_cov_hidden=n_cov_hidden, n_timesteps=n_timesteps, beta_schedule=beta_schedule,
-            input_scale=input_scale, energy_weight=energy_weight, mse_weight=mse_weight, p_drop_cond=p_drop_cond,
-            p_self_cond=p_self_cond, ema_decay=ema_decay, ema_every=ema_every,
+            n_genes=ss.n_vars,
+            n_perturbations=ss[f"n_{PDIFF_KEYS.PERT_KEY}"],
+            n_contexts=ss[f"n_{PDIFF_KEYS.CONTEXT_KEY}"],
+            n_batches=ss[f"n_{PDIFF_KEYS.BATCH_KEY}"],
+            set_size=set_size,
+            n_hidden=n_hidden,
+            depth=depth,
+            n_heads=n_heads,
+            mlp_ratio=mlp_ratio,
+            n_cov=n_cov,
+            n_cov_hidden=n_cov_hidden,
+            n_timesteps=n_timesteps,
+            beta_schedule=beta_schedule,
+            input_scale=input_scale,
+            energy_weight=energy_weight,
+            mse_weight=mse_weight,
+            p_drop_cond=p_drop_cond,
+            p_self_cond=p_self_cond,
+            ema_decay=ema_decay,
+            ema_every=ema_every,
         )
         n_params = sum(p.numel() for p in self.module.denoiser.parameters())
         self._model_summary_string = (
@@ -140,8 +173,16 @@ class PerturbDiff(BaseModelClass):
     # ------------------------------------------------------------------ setup
     @classmethod
     @setup_anndata_dsp.dedent
-    def setup_anndata(cls, adata: AnnData, perturbation_key: str, control_value: str, context_key: str | None = None,
-                      batch_key: str | None = None, layer: str | None = None, **kwargs) -> None:
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        perturbation_key: str,
+        control_value: str,
+        context_key: str | None = None,
+        batch_key: str | None = None,
+        layer: str | None = None,
+        **kwargs,
+    ) -> None:
         """%(summary)s.
 
         Expression must be log1p of library-size-normalised values (e.g. ``sc.pp.normalize_total`` then
@@ -172,10 +213,19 @@ class PerturbDiff(BaseModelClass):
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         if not isinstance(adata, AnnData):
-            raise TypeError(f"setup_anndata expects an AnnData, got {type(adata).__name__}; use setup_mudata for "
-                            "MuData.")
-        _check_setup_inputs(adata, adata.obs, perturbation_key, control_value, context_key, batch_key,
-                            expression_matrix(adata, layer), "adata.X" if layer is None else f"adata.layers[{layer!r}]")
+            raise TypeError(
+                f"setup_anndata expects an AnnData, got {type(adata).__name__}; use setup_mudata for MuData."
+            )
+        _check_setup_inputs(
+            adata,
+            adata.obs,
+            perturbation_key,
+            control_value,
+            context_key,
+            batch_key,
+            expression_matrix(adata, layer),
+            "adata.X" if layer is None else f"adata.layers[{layer!r}]",
+        )
         fields = [
             LayerField(PDIFF_KEYS.X_KEY, layer, is_count_data=False),
             CategoricalObsField(PDIFF_KEYS.PERT_KEY, perturbation_key),
@@ -188,9 +238,17 @@ class PerturbDiff(BaseModelClass):
 
     @classmethod
     @setup_anndata_dsp.dedent
-    def setup_mudata(cls, mdata: MuData, rna_layer: str | None = None, perturbation_key: str | None = None,
-                     control_value: str | None = None, context_key: str | None = None, batch_key: str | None = None,
-                     modalities: dict[str, str] | None = None, **kwargs) -> None:
+    def setup_mudata(
+        cls,
+        mdata: MuData,
+        rna_layer: str | None = None,
+        perturbation_key: str | None = None,
+        control_value: str | None = None,
+        context_key: str | None = None,
+        batch_key: str | None = None,
+        modalities: dict[str, str] | None = None,
+        **kwargs,
+    ) -> None:
         """Register a MuData whose RNA modality is modelled.
 
         Obs columns are read from ``mdata.obs`` when present there, otherwise from the RNA modality's
@@ -224,25 +282,38 @@ class PerturbDiff(BaseModelClass):
             raise ValueError(f"modalities may only name 'rna_layer'; got {sorted(modalities)}.")
         rna_mod = modalities["rna_layer"]
         if rna_mod not in mdata.mod:
-            raise KeyError(f"Modality {rna_mod!r} not found in mdata.mod (available: {list(mdata.mod)}); set "
-                           "modalities={'rna_layer': <RNA modality>}.")
+            raise KeyError(
+                f"Modality {rna_mod!r} not found in mdata.mod (available: {list(mdata.mod)}); set "
+                "modalities={'rna_layer': <RNA modality>}."
+            )
         rna = mdata.mod[rna_mod]
         if rna.n_obs != mdata.n_obs or not rna.obs_names.equals(mdata.obs_names):
-            raise ValueError(f"Modality {rna_mod!r} has {rna.n_obs} cells but mdata has {mdata.n_obs} (or another "
-                             "order); PerturbDiff needs RNA for every cell. Subset mdata to the RNA cells first.")
+            raise ValueError(
+                f"Modality {rna_mod!r} has {rna.n_obs} cells but mdata has {mdata.n_obs} (or another "
+                "order); PerturbDiff needs RNA for every cell. Subset mdata to the RNA cells first."
+            )
 
         def obs_mod(key: str | None) -> str | None:
             return None if key is None or key in mdata.obs.columns else rna_mod
 
         obs = {k: (mdata.obs if obs_mod(k) is None else rna.obs) for k in (perturbation_key, context_key, batch_key)}
-        merged = pd.DataFrame({k: v[k] for k, v in obs.items() if k is not None and k in v.columns},
-                              index=mdata.obs_names)
+        merged = pd.DataFrame(
+            {k: v[k] for k, v in obs.items() if k is not None and k in v.columns}, index=mdata.obs_names
+        )
         for key in (perturbation_key, context_key, batch_key):
             if key is not None and key not in merged.columns:
                 raise KeyError(f"{key!r} is neither a column of mdata.obs nor of mdata[{rna_mod!r}].obs.")
         where = f"mdata[{rna_mod!r}]." + ("X" if rna_layer is None else f"layers[{rna_layer!r}]")
-        _check_setup_inputs(rna, merged, perturbation_key, control_value, context_key, batch_key,
-                            expression_matrix(rna, rna_layer), where)
+        _check_setup_inputs(
+            rna,
+            merged,
+            perturbation_key,
+            control_value,
+            context_key,
+            batch_key,
+            expression_matrix(rna, rna_layer),
+            where,
+        )
         fields = [
             MuDataLayerField(PDIFF_KEYS.X_KEY, rna_layer, mod_key=rna_mod, is_count_data=False, mod_required=True),
             MuDataCategoricalObsField(PDIFF_KEYS.PERT_KEY, perturbation_key, mod_key=obs_mod(perturbation_key)),
@@ -259,8 +330,12 @@ class PerturbDiff(BaseModelClass):
 
     @property
     def _control_code(self) -> int:
-        return find_category(self._mapping(PDIFF_KEYS.PERT_KEY), self.get_setup_arg("control_value"),
-                             "control value", self.get_setup_arg("perturbation_key"))
+        return find_category(
+            self._mapping(PDIFF_KEYS.PERT_KEY),
+            self.get_setup_arg("control_value"),
+            "control value",
+            self.get_setup_arg("perturbation_key"),
+        )
 
     @property
     def var_names(self) -> pd.Index:
@@ -276,12 +351,23 @@ class PerturbDiff(BaseModelClass):
 
     # ------------------------------------------------------------------ training
     @devices_dsp.dedent
-    def train(self, max_epochs: int | None = None, max_steps: int | None = None, accelerator: str = "auto",
-              devices: int | list[int] | str = "auto", batch_size: int = 8, lr: float = 1e-3,
-              early_stopping: bool = False, validation_size: float = 0.1,
-              split: Literal["set", "cell", "group"] = "set", train_on_controls: bool = True,
-              check_val_every_n_epoch: int | None = None, plan_kwargs: dict | None = None,
-              datasplitter_kwargs: dict | None = None, **trainer_kwargs):
+    def train(
+        self,
+        max_epochs: int | None = None,
+        max_steps: int | None = None,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        batch_size: int = 8,
+        lr: float = 1e-3,
+        early_stopping: bool = False,
+        validation_size: float = 0.1,
+        split: Literal["set", "cell", "group"] = "set",
+        train_on_controls: bool = True,
+        check_val_every_n_epoch: int | None = None,
+        plan_kwargs: dict | None = None,
+        datasplitter_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ):
         """Train the model with Lightning through scvi-tools' ``TrainRunner``.
 
         Parameters
@@ -330,15 +416,22 @@ class PerturbDiff(BaseModelClass):
         if lr <= 0:
             raise ValueError(f"lr must be > 0; got {lr}.")
         splitter = self._data_splitter_cls(
-            self.adata_manager, self._control_code, set_size=self.module.set_size, sets_per_batch=batch_size,
-            validation_size=validation_size, split=split, train_on_controls=train_on_controls,
+            self.adata_manager,
+            self._control_code,
+            set_size=self.module.set_size,
+            sets_per_batch=batch_size,
+            validation_size=validation_size,
+            split=split,
+            train_on_controls=train_on_controls,
             **(datasplitter_kwargs or {}),
         )
         has_val = splitter.n_val > 0
         if early_stopping and not has_val:
-            raise ValueError("early_stopping=True needs a validation set, but validation_size="
-                             f"{validation_size} with split={split!r} left no validation cells; raise validation_size "
-                             "or use split='cell'.")
+            raise ValueError(
+                "early_stopping=True needs a validation set, but validation_size="
+                f"{validation_size} with split={split!r} left no validation cells; raise validation_size "
+                "or use split='cell'."
+            )
         steps_per_epoch = len(splitter.train_dataloader().sampler)
         if check_val_every_n_epoch is None and has_val:
             check_val_every_n_epoch = max(1, math.ceil(50 / steps_per_epoch))
@@ -349,19 +442,36 @@ class PerturbDiff(BaseModelClass):
         trainer_kwargs.setdefault("log_every_n_steps", max(1, min(50, steps_per_epoch)))
         plan = self._training_plan_cls(self.module, **{"lr": lr, **(plan_kwargs or {})})
         runner = self._train_runner_cls(
-            self, training_plan=plan, data_splitter=splitter,
-            max_epochs=-1 if max_epochs is None else max_epochs, max_steps=-1 if max_steps is None else max_steps,
-            accelerator=accelerator, devices=devices, early_stopping=early_stopping, **trainer_kwargs,
+            self,
+            training_plan=plan,
+            data_splitter=splitter,
+            max_epochs=-1 if max_epochs is None else max_epochs,
+            max_steps=-1 if max_steps is None else max_steps,
+            accelerator=accelerator,
+            devices=devices,
+            early_stopping=early_stopping,
+            **trainer_kwargs,
         )
         return runner()
 
     # ------------------------------------------------------------------ prediction
     @torch.inference_mode()
-    def predict_population(self, perturbations: str | Sequence[str], contexts: str | Sequence[str] | None = None,
-                           batches: str | Sequence[str] | None = None, *, control_adata: AnnData | None = None,
-                           n_cells: int | None = None, n_populations: int = 1, guidance_scale: float = 1.0,
-                           n_steps: int = 50, sampler: Literal["ddim", "ddpm"] = "ddim", seed: int | None = None,
-                           batch_size: int = 16, use_ema: bool = True) -> AnnData:
+    def predict_population(
+        self,
+        perturbations: str | Sequence[str],
+        contexts: str | Sequence[str] | None = None,
+        batches: str | Sequence[str] | None = None,
+        *,
+        control_adata: AnnData | None = None,
+        n_cells: int | None = None,
+        n_populations: int = 1,
+        guidance_scale: float = 1.0,
+        n_steps: int = 50,
+        sampler: Literal["ddim", "ddpm"] = "ddim",
+        seed: int | None = None,
+        batch_size: int = 16,
+        use_ema: bool = True,
+    ) -> AnnData:
         """Generate cell populations for (perturbation, context, batch) combinations.
 
         Every requested perturbation is crossed with every requested context and batch. A combination
@@ -412,8 +522,9 @@ class PerturbDiff(BaseModelClass):
         >>> sc.pl.umap(anndata.concat([real, pred], label="source"), color="condition")
         """
         self._check_if_trained(warn=True)
-        _check_predict_args(n_cells, n_populations, guidance_scale, n_steps, self.module.diffusion.n_timesteps,
-                            sampler, batch_size)
+        _check_predict_args(
+            n_cells, n_populations, guidance_scale, n_steps, self.module.diffusion.n_timesteps, sampler, batch_size
+        )
         perturbations = _as_list(perturbations)
         pert_key, ctx_key, batch_key = (self._setup_arg(k) for k in ("perturbation_key", "context_key", "batch_key"))
         pert_codes, ctx_codes, batch_codes = registered_codes(self.adata_manager)
@@ -421,10 +532,17 @@ class PerturbDiff(BaseModelClass):
         if contexts is None:
             c_ids = np.unique(ctx_codes).tolist()
         else:
-            c_ids = [self._seen_code(PDIFF_KEYS.CONTEXT_KEY, v, ctx_codes, "context", ctx_key)
-                     for v in _as_list(contexts)]
-        b_req = None if batches is None else [find_category(self._mapping(PDIFF_KEYS.BATCH_KEY), v, "batch",
-                                                             str(batch_key)) for v in _as_list(batches)]
+            c_ids = [
+                self._seen_code(PDIFF_KEYS.CONTEXT_KEY, v, ctx_codes, "context", ctx_key) for v in _as_list(contexts)
+            ]
+        b_req = (
+            None
+            if batches is None
+            else [
+                find_category(self._mapping(PDIFF_KEYS.BATCH_KEY), v, "batch", str(batch_key))
+                for v in _as_list(batches)
+            ]
+        )
         source = _ControlSource(self, control_adata, pert_codes, ctx_codes, batch_codes)
         rng = np.random.default_rng(seed)
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
@@ -441,24 +559,40 @@ class PerturbDiff(BaseModelClass):
                     for pop in range(n_populations):
                         for _ in range(math.ceil(n / self.module.set_size)):
                             jobs.append((len(conditions) - 1, pop, rng.choice(len(pool), self.module.set_size)))
-        cells = self._sample_jobs(jobs, conditions, source, n_steps, sampler, guidance_scale, gen, batch_size,
-                                  use_ema)
-        return self._assemble(conditions, jobs, cells, n_populations, pert_key, ctx_key, batch_key,
-                              uns={"perturbations": [str(v) for v in perturbations], "n_populations": n_populations,
-                                   "guidance_scale": float(guidance_scale), "n_steps": int(n_steps),
-                                   "sampler": sampler, "seed": "None" if seed is None else int(seed),
-                                   "set_size": int(self.module.set_size), "use_ema": bool(use_ema),
-                                   "controls": "control_adata" if control_adata is not None else "registered"})
+        cells = self._sample_jobs(jobs, conditions, source, n_steps, sampler, guidance_scale, gen, batch_size, use_ema)
+        return self._assemble(
+            conditions,
+            jobs,
+            cells,
+            n_populations,
+            pert_key,
+            ctx_key,
+            batch_key,
+            uns={
+                "perturbations": [str(v) for v in perturbations],
+                "n_populations": n_populations,
+                "guidance_scale": float(guidance_scale),
+                "n_steps": int(n_steps),
+                "sampler": sampler,
+                "seed": "None" if seed is None else int(seed),
+                "set_size": int(self.module.set_size),
+                "use_ema": bool(use_ema),
+                "controls": "control_adata" if control_adata is not None else "registered",
+            },
+        )
 
     def _seen_code(self, key: str, value, codes: np.ndarray, what: str, obs_key: str | None) -> int:
         code = find_category(self._mapping(key), value, what, str(obs_key))
         if not np.any(codes == code):
-            raise ValueError(f"The {what} {value!r} has no cells in the training data (it is only an unused category "
-                             f"of {obs_key!r}), so the model never learned it.")
+            raise ValueError(
+                f"The {what} {value!r} has no cells in the training data (it is only an unused category "
+                f"of {obs_key!r}), so the model never learned it."
+            )
         return code
 
-    def _sample_jobs(self, jobs, conditions, source, n_steps, sampler, guidance_scale, gen, batch_size,
-                     use_ema) -> list[np.ndarray]:
+    def _sample_jobs(
+        self, jobs, conditions, source, n_steps, sampler, guidance_scale, gen, batch_size, use_ema
+    ) -> list[np.ndarray]:
         from scvi.utils import track
 
         s = self.module.set_size
@@ -468,8 +602,15 @@ class PerturbDiff(BaseModelClass):
             chunk = jobs[start : start + batch_size]
             x_ctrl = np.stack([source.rows(*conditions[ci][1:3], idx) for ci, _, idx in chunk])  # (B, S, G)
             codes = [torch.tensor([conditions[ci][k] for ci, _, _ in chunk]) for k in range(3)]
-            x = self.module.sample(torch.from_numpy(x_ctrl), *codes, n_steps=n_steps, sampler=sampler,
-                                   guidance_scale=guidance_scale, generator=gen, use_ema=use_ema)
+            x = self.module.sample(
+                torch.from_numpy(x_ctrl),
+                *codes,
+                n_steps=n_steps,
+                sampler=sampler,
+                guidance_scale=guidance_scale,
+                generator=gen,
+                use_ema=use_ema,
+            )
             out.extend(x.cpu().numpy().reshape(len(chunk), s, -1))
         return out
 
@@ -485,8 +626,11 @@ class PerturbDiff(BaseModelClass):
                 for name, value in (("pert", p), ("ctx", c), ("batch", b), ("population", pop)):
                     meta[name].extend([value] * n)
         obs = pd.DataFrame(index=[f"perturbdiff_{i}" for i in range(len(meta["population"]))])
-        for key, reg, codes in ((pert_key, PDIFF_KEYS.PERT_KEY, meta["pert"]), (ctx_key, PDIFF_KEYS.CONTEXT_KEY,
-                                meta["ctx"]), (batch_key, PDIFF_KEYS.BATCH_KEY, meta["batch"])):
+        for key, reg, codes in (
+            (pert_key, PDIFF_KEYS.PERT_KEY, meta["pert"]),
+            (ctx_key, PDIFF_KEYS.CONTEXT_KEY, meta["ctx"]),
+            (batch_key, PDIFF_KEYS.BATCH_KEY, meta["batch"]),
+        ):
             if key is None:
                 continue
             mapping = self._mapping(reg)
@@ -534,9 +678,11 @@ class _ControlSource:
                 in_ctx = np.ones_like(ctx, dtype=bool) if self.user["no_ctx"] else ctx == c
                 if not in_ctx.any():
                     name = self.model._mapping(PDIFF_KEYS.CONTEXT_KEY)[c]
-                    raise ValueError(f"control_adata has no cell of context {name!r} in column "
-                                     f"{self.model._setup_arg('context_key')!r}; add such control cells or drop "
-                                     "that column to use all its cells for every context.")
+                    raise ValueError(
+                        f"control_adata has no cell of context {name!r} in column "
+                        f"{self.model._setup_arg('context_key')!r}; add such control cells or drop "
+                        "that column to use all its cells for every context."
+                    )
                 rows = np.flatnonzero(in_ctx & (batch == b))
                 if not len(rows):
                     rows = np.flatnonzero(in_ctx)
@@ -555,12 +701,16 @@ def _prepare_control_adata(model: PerturbDiff, control_adata: AnnData):
     genes = model.var_names
     overlap = genes.intersection(control_adata.var_names)
     if len(overlap) == 0:
-        raise ValueError("control_adata shares no gene with the training data (compare control_adata.var_names "
-                         f"with model.var_names, e.g. {list(genes[:3])}); use the same gene identifiers.")
+        raise ValueError(
+            "control_adata shares no gene with the training data (compare control_adata.var_names "
+            f"with model.var_names, e.g. {list(genes[:3])}); use the same gene identifiers."
+        )
     if len(overlap) < len(genes):
         missing = genes.difference(control_adata.var_names)
-        raise ValueError(f"control_adata lacks {len(missing)} of the {len(genes)} training genes (e.g. "
-                         f"{list(missing[:5])}); subset or pad it to model.var_names.")
+        raise ValueError(
+            f"control_adata lacks {len(missing)} of the {len(genes)} training genes (e.g. "
+            f"{list(missing[:5])}); subset or pad it to model.var_names."
+        )
     if not control_adata.var_names.is_unique:
         raise ValueError("control_adata.var_names has duplicates; run control_adata.var_names_make_unique().")
     layer = model._setup_arg("layer") or model._setup_arg("rna_layer")
@@ -575,11 +725,15 @@ def _prepare_control_adata(model: PerturbDiff, control_adata: AnnData):
     if pert_key in obs.columns:
         keep = (obs[pert_key].astype(str) == str(model._setup_arg("control_value"))).to_numpy()
         if not keep.any():
-            raise ValueError(f"control_adata.obs[{pert_key!r}] has no cell equal to the control value "
-                             f"{model._setup_arg('control_value')!r}.")
+            raise ValueError(
+                f"control_adata.obs[{pert_key!r}] has no cell equal to the control value "
+                f"{model._setup_arg('control_value')!r}."
+            )
     codes = {}
-    for name, setup_key, reg in (("ctx", "context_key", PDIFF_KEYS.CONTEXT_KEY),
-                                 ("batch", "batch_key", PDIFF_KEYS.BATCH_KEY)):
+    for name, setup_key, reg in (
+        ("ctx", "context_key", PDIFF_KEYS.CONTEXT_KEY),
+        ("batch", "batch_key", PDIFF_KEYS.BATCH_KEY),
+    ):
         key = model._setup_arg(setup_key)
         mapping = [str(v) for v in model._mapping(reg)]
         if key is not None and key in obs.columns:
@@ -591,20 +745,25 @@ def _prepare_control_adata(model: PerturbDiff, control_adata: AnnData):
     return matrix[rows], codes
 
 
-def _check_setup_inputs(adata: AnnData, obs: pd.DataFrame, perturbation_key, control_value, context_key, batch_key,
-                        matrix, where: str) -> None:
+def _check_setup_inputs(
+    adata: AnnData, obs: pd.DataFrame, perturbation_key, control_value, context_key, batch_key, matrix, where: str
+) -> None:
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
     if getattr(adata, "isbacked", False):
-        raise ValueError("Backed AnnData is not supported (set sampling needs random access in a fixed order); load "
-                         "it into memory with adata.to_memory() or anndata.read_h5ad(path) without backed=.")
+        raise ValueError(
+            "Backed AnnData is not supported (set sampling needs random access in a fixed order); load "
+            "it into memory with adata.to_memory() or anndata.read_h5ad(path) without backed=."
+        )
     for key, arg in ((perturbation_key, "perturbation_key"), (context_key, "context_key"), (batch_key, "batch_key")):
         check_obs_column(obs, key, arg)
     check_control_value(obs[perturbation_key], control_value, perturbation_key)
     n_perturbed = int((obs[perturbation_key].astype(str) != str(control_value)).sum())
     if n_perturbed == 0:
-        raise ValueError(f"Every cell of {perturbation_key!r} is the control {control_value!r}; PerturbDiff needs "
-                         "perturbed cells to learn from.")
+        raise ValueError(
+            f"Every cell of {perturbation_key!r} is the control {control_value!r}; PerturbDiff needs "
+            "perturbed cells to learn from."
+        )
     check_log_normalised(matrix, where)
 
 

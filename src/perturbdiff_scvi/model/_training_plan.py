@@ -40,8 +40,17 @@ class DiffusionTrainingPlan(TrainingPlan):
         Passed to :class:`scvi.train.TrainingPlan`.
     """
 
-    def __init__(self, module, *, lr: float = 1e-3, weight_decay: float = 0.01, warmup_steps: int = 200,
-                 plateau: float = 0.1, lr_floor: float = 0.1, **kwargs):
+    def __init__(
+        self,
+        module,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 200,
+        plateau: float = 0.1,
+        lr_floor: float = 0.1,
+        **kwargs,
+    ):
         super().__init__(module, lr=lr, weight_decay=weight_decay, optimizer="AdamW", **kwargs)
         self.warmup_steps = warmup_steps
         self.plateau = plateau
@@ -51,9 +60,12 @@ class DiffusionTrainingPlan(TrainingPlan):
         params = [p for p in self.module.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=self.lr, betas=(0.9, 0.98), eps=1e-8)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr,
+            betas=(0.9, 0.98),
+            eps=1e-8,
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, min(self.warmup_steps, total // 10))
 

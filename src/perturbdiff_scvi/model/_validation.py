@@ -12,9 +12,11 @@ from scipy import sparse
 # log1p(1e4-normalised counts) stays below ~10 and log1p(CPM) below ~14; integer matrices above this
 # are counts.
 RAW_COUNT_MAX = 20.0
-_FIX_LOGNORM = ("PerturbDiff models log1p of library-size-normalised expression. Keep the counts in a layer and "
-                "run `sc.pp.normalize_total(adata, target_sum=1e4); sc.pp.log1p(adata)`, or pass `layer=` naming a "
-                "log-normalised layer.")
+_FIX_LOGNORM = (
+    "PerturbDiff models log1p of library-size-normalised expression. Keep the counts in a layer and "
+    "run `sc.pp.normalize_total(adata, target_sum=1e4); sc.pp.log1p(adata)`, or pass `layer=` naming a "
+    "log-normalised layer."
+)
 
 
 def expression_matrix(adata, layer: str | None):
@@ -24,8 +26,10 @@ def expression_matrix(adata, layer: str | None):
             raise ValueError("adata.X is empty (None); pass `layer=` naming the log-normalised expression layer.")
         return adata.X
     if layer not in adata.layers:
-        raise KeyError(f"Layer {layer!r} not found in adata.layers (available: {list(adata.layers)}). "
-                       "Pass `layer=None` to use adata.X.")
+        raise KeyError(
+            f"Layer {layer!r} not found in adata.layers (available: {list(adata.layers)}). "
+            "Pass `layer=None` to use adata.X."
+        )
     return adata.layers[layer]
 
 
@@ -47,8 +51,10 @@ def check_log_normalised(matrix, where: str) -> None:
     if not np.all(np.isfinite(values)):
         raise ValueError(f"{where} contains NaN or infinite values; remove or impute them before setup.")
     if values.min() < 0:
-        raise ValueError(f"{where} contains negative values (min {values.min():.3g}); scaled or centred data "
-                         f"cannot be modelled. {_FIX_LOGNORM}")
+        raise ValueError(
+            f"{where} contains negative values (min {values.min():.3g}); scaled or centred data "
+            f"cannot be modelled. {_FIX_LOGNORM}"
+        )
     vmax = float(values.max())
     if vmax > RAW_COUNT_MAX and np.allclose(values, np.round(values)):
         raise ValueError(f"{where} looks like raw counts (all integers, max {vmax:.0f}). {_FIX_LOGNORM}")
@@ -66,8 +72,9 @@ def check_obs_column(obs: pd.DataFrame, key: str | None, arg: str) -> None:
         raise KeyError(f"{arg}={key!r} is not a column of adata.obs.{hint} Available: {list(obs.columns)[:20]}")
     n_missing = int(obs[key].isna().sum())
     if n_missing:
-        raise ValueError(f"adata.obs[{key!r}] ({arg}) has {n_missing} missing values; fill or drop those cells "
-                         "before setup.")
+        raise ValueError(
+            f"adata.obs[{key!r}] ({arg}) has {n_missing} missing values; fill or drop those cells before setup."
+        )
 
 
 def find_category(mapping: Sequence, value, what: str, key: str):
@@ -81,8 +88,10 @@ def find_category(mapping: Sequence, value, what: str, key: str):
         return as_str.index(str(value))
     close = difflib.get_close_matches(str(value), as_str, n=3, cutoff=0.5)
     hint = f" Close matches: {close}." if close else ""
-    raise ValueError(f"Unknown {what} {value!r}: it is not a value of {key!r} in the training data.{hint} "
-                     f"Known values: {as_str[:20]}{' ...' if len(as_str) > 20 else ''}")
+    raise ValueError(
+        f"Unknown {what} {value!r}: it is not a value of {key!r} in the training data.{hint} "
+        f"Known values: {as_str[:20]}{' ...' if len(as_str) > 20 else ''}"
+    )
 
 
 def check_control_value(column: pd.Series, control_value, key: str) -> None:
@@ -91,5 +100,7 @@ def check_control_value(column: pd.Series, control_value, key: str) -> None:
     if str(control_value) not in values:
         close = difflib.get_close_matches(str(control_value), list(values), n=3, cutoff=0.5)
         hint = f" Close matches: {close}." if close else ""
-        raise ValueError(f"control_value={control_value!r} does not occur in adata.obs[{key!r}].{hint} "
-                         f"Values present: {sorted(values)[:20]}")
+        raise ValueError(
+            f"control_value={control_value!r} does not occur in adata.obs[{key!r}].{hint} "
+            f"Values present: {sorted(values)[:20]}"
+        )

@@ -46,12 +46,30 @@ class PerturbDiffModule(BaseModuleClass):
         EMA of the denoiser weights, updated every ``ema_every`` optimiser steps.
     """
 
-    def __init__(self, n_genes: int, n_perturbations: int, n_contexts: int, n_batches: int, *, set_size: int = 64,
-                 n_hidden: int = 128, depth: int = 2, n_heads: int = 4, mlp_ratio: float = 4.0, n_cov: int = 64,
-                 n_cov_hidden: int | None = None, n_timesteps: int = 1000,
-                 beta_schedule: Literal["linear", "cosine"] = "linear", input_scale: float = 10.0,
-                 energy_weight: float = 1.0, mse_weight: float = 1.0, p_drop_cond: float = 0.5,
-                 p_self_cond: float = 0.5, ema_decay: float = 0.99, ema_every: int = 1):
+    def __init__(
+        self,
+        n_genes: int,
+        n_perturbations: int,
+        n_contexts: int,
+        n_batches: int,
+        *,
+        set_size: int = 64,
+        n_hidden: int = 128,
+        depth: int = 2,
+        n_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        n_cov: int = 64,
+        n_cov_hidden: int | None = None,
+        n_timesteps: int = 1000,
+        beta_schedule: Literal["linear", "cosine"] = "linear",
+        input_scale: float = 10.0,
+        energy_weight: float = 1.0,
+        mse_weight: float = 1.0,
+        p_drop_cond: float = 0.5,
+        p_self_cond: float = 0.5,
+        ema_decay: float = 0.99,
+        ema_every: int = 1,
+    ):
         super().__init__()
         self.n_genes = n_genes
         self.set_size = set_size
@@ -62,8 +80,18 @@ class PerturbDiffModule(BaseModuleClass):
         self.p_self_cond = p_self_cond
         self.ema_decay = ema_decay
         self.ema_every = ema_every
-        self.denoiser = SetDiT(n_genes, n_perturbations, n_contexts, n_batches, n_hidden=n_hidden, depth=depth,
-                               n_heads=n_heads, mlp_ratio=mlp_ratio, n_cov=n_cov, n_cov_hidden=n_cov_hidden)
+        self.denoiser = SetDiT(
+            n_genes,
+            n_perturbations,
+            n_contexts,
+            n_batches,
+            n_hidden=n_hidden,
+            depth=depth,
+            n_heads=n_heads,
+            mlp_ratio=mlp_ratio,
+            n_cov=n_cov,
+            n_cov_hidden=n_cov_hidden,
+        )
         self.ema = copy.deepcopy(self.denoiser).requires_grad_(False)
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         self.diffusion = GaussianDiffusion(n_timesteps, beta_schedule)
@@ -78,27 +106,41 @@ class PerturbDiffModule(BaseModuleClass):
         def code(key: str) -> torch.Tensor:
             return tensors[key].reshape(b, 2, self.set_size)[:, 0, 0].long()
 
-        return {"x0": x[:, 0], "x_ctrl": x[:, 1], "pert": code(PDIFF_KEYS.PERT_KEY),
-                "ctx": code(PDIFF_KEYS.CONTEXT_KEY), "batch": code(PDIFF_KEYS.BATCH_KEY)}
+        return {
+            "x0": x[:, 0],
+            "x_ctrl": x[:, 1],
+            "pert": code(PDIFF_KEYS.PERT_KEY),
+            "ctx": code(PDIFF_KEYS.CONTEXT_KEY),
+            "batch": code(PDIFF_KEYS.BATCH_KEY),
+        }
 
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict[str, torch.Tensor]:
         unpacked = self._unpack(tensors)
         return {k: unpacked[k] for k in ("x_ctrl", "pert", "ctx", "batch")}
 
     @auto_move_data
-    def inference(self, x_ctrl: torch.Tensor, pert: torch.Tensor, ctx: torch.Tensor,
-                  batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    def inference(
+        self, x_ctrl: torch.Tensor, pert: torch.Tensor, ctx: torch.Tensor, batch: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """The condition of each set; per-set classifier-free-guidance dropout is drawn here."""
         drop = torch.rand(pert.shape[0], device=pert.device) < self.p_drop_cond
         return {"x_ctrl": x_ctrl, "pert": pert, "ctx": ctx, "batch": batch, "drop_cond": drop}
 
-    def _get_generative_input(self, tensors: dict[str, torch.Tensor], inference_outputs: dict[str, torch.Tensor],
-                              **kwargs) -> dict[str, torch.Tensor]:
+    def _get_generative_input(
+        self, tensors: dict[str, torch.Tensor], inference_outputs: dict[str, torch.Tensor], **kwargs
+    ) -> dict[str, torch.Tensor]:
         return {"x0": self._unpack(tensors)["x0"], **inference_outputs}
 
     @auto_move_data
-    def generative(self, x0: torch.Tensor, x_ctrl: torch.Tensor, pert: torch.Tensor, ctx: torch.Tensor,
-                   batch: torch.Tensor, drop_cond: torch.Tensor) -> dict[str, torch.Tensor]:
+    def generative(
+        self,
+        x0: torch.Tensor,
+        x_ctrl: torch.Tensor,
+        pert: torch.Tensor,
+        ctx: torch.Tensor,
+        batch: torch.Tensor,
+        drop_cond: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         """Noise each target set at its own timestep and predict it back (with self-conditioning)."""
         t = torch.randint(0, self.diffusion.n_timesteps, (x0.shape[0],), device=x0.device)  # one t per set
         x_t = self.diffusion.q_sample(x0, t, torch.randn_like(x0))
@@ -109,16 +151,23 @@ class PerturbDiffModule(BaseModuleClass):
         x0_hat = self.denoiser(x_t, t, x_ctrl, pert, ctx, batch, self_cond, drop_cond)
         return {"x0_hat": x0_hat}
 
-    def loss(self, tensors: dict[str, torch.Tensor], inference_outputs: dict[str, torch.Tensor],
-             generative_outputs: dict[str, torch.Tensor]) -> LossOutput:
+    def loss(
+        self,
+        tensors: dict[str, torch.Tensor],
+        inference_outputs: dict[str, torch.Tensor],
+        generative_outputs: dict[str, torch.Tensor],
+    ) -> LossOutput:
         """Per set: ``mse_weight * MSE + energy_weight * energy_distance / 2`` (geomloss ``energy``)."""
         x0 = self._unpack(tensors)["x0"].to(generative_outputs["x0_hat"].device)
         x0_hat = generative_outputs["x0_hat"]
         mse = per_set_mse(x0_hat, x0)  # (B,)
         energy = 0.5 * energy_distance(x0_hat, x0)  # (B,)
         per_set = self.mse_weight * mse + self.energy_weight * energy
-        return LossOutput(loss=per_set.mean(), reconstruction_loss=per_set,
-                          extra_metrics={"mse": mse.mean().detach(), "energy": energy.mean().detach()})
+        return LossOutput(
+            loss=per_set.mean(),
+            reconstruction_loss=per_set,
+            extra_metrics={"mse": mse.mean().detach(), "energy": energy.mean().detach()},
+        )
 
     # ----------------------------------------------------------------- EMA
     @torch.no_grad()
@@ -134,9 +183,19 @@ class PerturbDiffModule(BaseModuleClass):
 
     # ----------------------------------------------------------------- sampling
     @torch.inference_mode()
-    def sample(self, x_ctrl: torch.Tensor, pert: torch.Tensor, ctx: torch.Tensor, batch: torch.Tensor, *,
-               n_steps: int = 50, sampler: Literal["ddim", "ddpm"] = "ddim", guidance_scale: float = 1.0,
-               generator: torch.Generator | None = None, use_ema: bool = True) -> torch.Tensor:
+    def sample(
+        self,
+        x_ctrl: torch.Tensor,
+        pert: torch.Tensor,
+        ctx: torch.Tensor,
+        batch: torch.Tensor,
+        *,
+        n_steps: int = 50,
+        sampler: Literal["ddim", "ddpm"] = "ddim",
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+    ) -> torch.Tensor:
         """Generate perturbed sets ``(B, S, G)`` (expression scale) for controls ``x_ctrl`` ``(B, S, G)``."""
         net = self.ema if use_ema else self.denoiser
         device = next(net.parameters()).device
@@ -147,6 +206,14 @@ class PerturbDiffModule(BaseModuleClass):
         def denoise(x_t, t, self_cond, drop: bool):
             return net(x_t, t, x_ctrl, pert, ctx, batch, self_cond, keep | drop)
 
-        x0 = sample_loop(denoise, self.diffusion, tuple(x_ctrl.shape), n_steps=n_steps, sampler=sampler,
-                         guidance_scale=guidance_scale, generator=generator, device=device)
+        x0 = sample_loop(
+            denoise,
+            self.diffusion,
+            tuple(x_ctrl.shape),
+            n_steps=n_steps,
+            sampler=sampler,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            device=device,
+        )
         return x0 * self.input_scale

@@ -53,8 +53,9 @@ class CovariateEmbedder(nn.Module):
     ``drop`` replaces the whole embedding by a learned null embedding (classifier-free guidance).
     """
 
-    def __init__(self, n_perturbations: int, n_contexts: int, n_batches: int, n_hidden: int, n_cov: int,
-                 n_cov_hidden: int):
+    def __init__(
+        self, n_perturbations: int, n_contexts: int, n_batches: int, n_hidden: int, n_cov: int, n_cov_hidden: int
+    ):
         super().__init__()
         self.perturbation = nn.Embedding(n_perturbations, n_cov)
         self.context = nn.Embedding(n_contexts, n_cov)
@@ -63,8 +64,9 @@ class CovariateEmbedder(nn.Module):
         self.to_hidden = nn.Sequential(nn.SiLU(), nn.Linear(n_cov_hidden, n_hidden))
         self.null = nn.Parameter(torch.zeros(n_hidden))
 
-    def forward(self, pert: torch.Tensor, ctx: torch.Tensor, batch: torch.Tensor,
-                drop: torch.Tensor | None = None) -> torch.Tensor:  # codes (B,) -> (B, H)
+    def forward(
+        self, pert: torch.Tensor, ctx: torch.Tensor, batch: torch.Tensor, drop: torch.Tensor | None = None
+    ) -> torch.Tensor:  # codes (B,) -> (B, H)
         cov = torch.cat([self.perturbation(pert), self.context(ctx), self.batch(batch)], dim=-1)
         emb = self.to_hidden(self.project(cov))
         if drop is not None:
@@ -125,11 +127,13 @@ class JointDiTBlock(nn.Module):
     def __init__(self, n_hidden: int, n_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.n_hidden = n_hidden
-        self.norm1, self.norm2 = nn.LayerNorm(n_hidden, elementwise_affine=False, eps=1e-6), nn.LayerNorm(
-            n_hidden, elementwise_affine=False, eps=1e-6
+        self.norm1, self.norm2 = (
+            nn.LayerNorm(n_hidden, elementwise_affine=False, eps=1e-6),
+            nn.LayerNorm(n_hidden, elementwise_affine=False, eps=1e-6),
         )
-        self.norm1_c, self.norm2_c = nn.LayerNorm(n_hidden, elementwise_affine=False, eps=1e-6), nn.LayerNorm(
-            n_hidden, elementwise_affine=False, eps=1e-6
+        self.norm1_c, self.norm2_c = (
+            nn.LayerNorm(n_hidden, elementwise_affine=False, eps=1e-6),
+            nn.LayerNorm(n_hidden, elementwise_affine=False, eps=1e-6),
         )
         self.attn = JointSetAttention(2 * n_hidden, n_heads)
         self.mlp, self.mlp_c = Mlp(n_hidden, mlp_ratio), Mlp(n_hidden, mlp_ratio)
@@ -191,9 +195,20 @@ class SetDiT(nn.Module):
         as the released code does.
     """
 
-    def __init__(self, n_genes: int, n_perturbations: int, n_contexts: int, n_batches: int, *, n_hidden: int = 128,
-                 depth: int = 2, n_heads: int = 4, mlp_ratio: float = 4.0, n_cov: int = 64,
-                 n_cov_hidden: int | None = None):
+    def __init__(
+        self,
+        n_genes: int,
+        n_perturbations: int,
+        n_contexts: int,
+        n_batches: int,
+        *,
+        n_hidden: int = 128,
+        depth: int = 2,
+        n_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        n_cov: int = 64,
+        n_cov_hidden: int | None = None,
+    ):
         super().__init__()
         self.n_genes = n_genes
         self.x_embed = nn.Linear(2 * n_genes, n_hidden)  # [x_t ; self-conditioning estimate]
@@ -201,8 +216,9 @@ class SetDiT(nn.Module):
         self.ctrl_embed = nn.Linear(n_genes, n_hidden)
         self.null_gene_embedding = nn.Parameter(torch.zeros(n_hidden))
         self.t_embed = TimestepEmbedder(n_hidden)
-        self.cov_embed = CovariateEmbedder(n_perturbations, n_contexts, n_batches, n_hidden, n_cov,
-                                           n_cov_hidden or n_genes)
+        self.cov_embed = CovariateEmbedder(
+            n_perturbations, n_contexts, n_batches, n_hidden, n_cov, n_cov_hidden or n_genes
+        )
         self.blocks = nn.ModuleList([JointDiTBlock(n_hidden, n_heads, mlp_ratio) for _ in range(depth)])
         self.final = FinalLayer(n_hidden, n_genes)
         self.initialize_weights()
@@ -224,9 +240,17 @@ class SetDiT(nn.Module):
         nn.init.zeros_(self.final.ada.weight)
         nn.init.zeros_(self.final.ada.bias)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, x_ctrl: torch.Tensor, pert: torch.Tensor,
-                ctx: torch.Tensor, batch: torch.Tensor, self_cond: torch.Tensor | None = None,
-                drop_cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        x_ctrl: torch.Tensor,
+        pert: torch.Tensor,
+        ctx: torch.Tensor,
+        batch: torch.Tensor,
+        self_cond: torch.Tensor | None = None,
+        drop_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Predict ``x0`` of shape ``(B, S, G)`` from ``x_t`` ``(B, S, G)`` and controls ``(B, S, G)``.
 
         ``t``, ``pert``, ``ctx``, ``batch`` are ``(B,)`` integer tensors; ``drop_cond`` ``(B,)`` bool

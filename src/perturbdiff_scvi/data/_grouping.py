@@ -107,9 +107,9 @@ def split_groups(
 ) -> tuple[CellGroups, CellGroups]:
     """Split target cells into training and validation groups without sharing any cell.
 
-    - ``"set"``: each group is shuffled and cut into blocks of ``set_size`` cells; a share
-      ``validation_size`` of the blocks (rounded down, so groups with a single block stay in training)
-      goes to validation.
+    - ``"set"``: each group is shuffled and cut into blocks of ``set_size`` cells;
+      ``round(validation_size * n_blocks)`` full blocks, drawn across all groups, go to validation
+      (never a group's only block, so every group keeps training cells).
     - ``"cell"``: a share ``validation_size`` of each group's cells (rounded, at least one cell left for
       training) goes to validation; sets are then drawn inside each part.
     - ``"group"``: whole (perturbation, context, batch) groups go to validation (out-of-distribution).
@@ -128,12 +128,18 @@ def split_groups(
         for k in keys:
             (val if k in val_keys else train)[k] = groups.members[k]
         return groups.subset(train), groups.subset(val)
-    for k, members in groups.members.items():
-        perm = rng.permutation(members)
-        if split == "set":
-            n_blocks = len(members) // set_size
-            n_val = int(validation_size * n_blocks) * set_size
-        else:
-            n_val = min(int(round(validation_size * len(members))), len(members) - 1)
+    perms = {k: rng.permutation(m) for k, m in groups.members.items()}
+    if split == "set":
+        # Every full block but the first of each group may go to validation (each group keeps training data);
+        # round(validation_size * all blocks) of them are drawn at random across groups.
+        candidates = [k for k, m in perms.items() for _ in range(1, len(m) // set_size)]
+        n_total = sum(len(m) // set_size for m in perms.values())
+        n_pick = min(int(round(validation_size * n_total)), len(candidates))
+        picked = [candidates[i] for i in rng.choice(len(candidates), n_pick, replace=False)] if n_pick else []
+        n_val_cells = {k: picked.count(k) * set_size for k in perms}
+    else:
+        n_val_cells = {k: min(int(round(validation_size * len(m))), len(m) - 1) for k, m in perms.items()}
+    for k, perm in perms.items():
+        n_val = n_val_cells[k]
         val[k], train[k] = np.sort(perm[:n_val]), np.sort(perm[n_val:])
     return groups.subset(train), groups.subset(val)

@@ -37,7 +37,8 @@ class SetBatchSampler(Sampler[list[int]]):
         self.groups = groups
         self.set_size = set_size
         self.sets_per_batch = sets_per_batch
-        self.seed = seed
+        # A fixed (replayed) epoch needs a seed even when none is given.
+        self.seed = int(np.random.default_rng().integers(2**31)) if seed is None and fixed else seed
         self.fixed = fixed
         self._epoch = 0
         self.n_sets = int(sum(-(-len(m) // set_size) for m in groups.members.values()))

@@ -54,5 +54,7 @@ def space_timesteps(n_timesteps: int, n_steps: int) -> np.ndarray:
         raise ValueError(
             f"n_steps must be between 1 and the number of diffusion timesteps ({n_timesteps}); got {n_steps}."
         )
+    if n_steps == 1:  # one jump from pure noise (t = T - 1) to the clean estimate
+        return np.array([n_timesteps - 1], dtype=np.int64)
     steps = np.unique(np.round(np.linspace(0, n_timesteps - 1, n_steps)).astype(np.int64))
     return steps[::-1].copy()

@@ -38,7 +38,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: The sizes of the released model (Yuan et al. 2026), for GPUs: ``PerturbDiff(adata, **PAPER_CONFIG)``.
-PAPER_CONFIG: dict = {"n_hidden": 512, "depth": 8, "n_heads": 8, "n_cov": 128, "set_size": 256, "ema_every": 10}
+PAPER_CONFIG: dict = {
+    "n_hidden": 512,
+    "depth": 8,
+    "n_heads": 8,
+    "n_cov": 128,
+    "set_size": 256,
+    "input_scale": 10.0,
+    "ema_every": 10,
+}
 
 #: Optimisation steps when ``train()`` is given neither ``max_epochs`` nor ``max_steps``.
 DEFAULT_MAX_STEPS = 1500
@@ -119,7 +127,7 @@ class PerturbDiff(BaseModelClass):
         n_cov_hidden: int | None = None,
         n_timesteps: int = 1000,
         beta_schedule: Literal["linear", "cosine"] = "linear",
-        input_scale: float = 10.0,
+        input_scale: float = 1.0,
         energy_weight: float = 1.0,
         mse_weight: float = 1.0,
         p_drop_cond: float = 0.5,

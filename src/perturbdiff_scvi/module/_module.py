@@ -62,7 +62,7 @@ class PerturbDiffModule(BaseModuleClass):
         n_cov_hidden: int | None = None,
         n_timesteps: int = 1000,
         beta_schedule: Literal["linear", "cosine"] = "linear",
-        input_scale: float = 10.0,
+        input_scale: float = 1.0,
         energy_weight: float = 1.0,
         mse_weight: float = 1.0,
         p_drop_cond: float = 0.5,

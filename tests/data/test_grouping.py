@@ -2,39 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-
-def _load_data_modules():
-    """``_grouping`` and ``_set_sampler`` without running ``perturbdiff_scvi.data.__init__`` (it imports scvi)."""
-    if "perturbdiff_scvi.data" in sys.modules:
-        from perturbdiff_scvi.data import _grouping, _set_sampler
-
-        return _grouping, _set_sampler
-    name = "_pdiff_light_data"
-    if name not in sys.modules:
-        pkg_dir = Path(next(iter(importlib.util.find_spec("perturbdiff_scvi").submodule_search_locations))) / "data"
-        pkg = types.ModuleType(name)
-        pkg.__path__ = [str(pkg_dir)]
-        sys.modules[name] = pkg
-        for sub in ("_grouping", "_set_sampler"):
-            spec = importlib.util.spec_from_file_location(f"{name}.{sub}", pkg_dir / f"{sub}.py")
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = mod
-            spec.loader.exec_module(mod)
-            setattr(pkg, sub, mod)
-    return sys.modules[f"{name}._grouping"], sys.modules[f"{name}._set_sampler"]
-
-
-_grouping, _ = _load_data_modules()
-CellGroups, control_pool = _grouping.CellGroups, _grouping.control_pool
-group_cells, split_groups, FALLBACK_ORDER = _grouping.group_cells, _grouping.split_groups, _grouping.FALLBACK_ORDER
+from perturbdiff_scvi.data import FALLBACK_ORDER, CellGroups, control_pool, group_cells, split_groups
 
 CONTROL = 0
 
@@ -93,12 +64,15 @@ def _fallback_case(control_cells: list[tuple[int, int]]):
     return np.array(pert), np.array(ctx), np.array(batch)
 
 
-@pytest.mark.parametrize("controls,level,pool", [
-    ([(0, 0), (0, 1), (1, 0)], "matched", [3]),
-    ([(0, 1), (0, 1), (1, 0), (1, 1)], "same_context", [3, 4]),  # same context preferred over same batch
-    ([(1, 0), (1, 1), (2, 0)], "same_batch", [3, 5]),
-    ([(1, 1), (2, 1)], "all_controls", [3, 4]),
-])
+@pytest.mark.parametrize(
+    "controls,level,pool",
+    [
+        ([(0, 0), (0, 1), (1, 0)], "matched", [3]),
+        ([(0, 1), (0, 1), (1, 0), (1, 1)], "same_context", [3, 4]),  # same context preferred over same batch
+        ([(1, 0), (1, 1), (2, 0)], "same_batch", [3, 5]),
+        ([(1, 1), (2, 1)], "all_controls", [3, 4]),
+    ],
+)
 def test_fallback_order(controls, level, pool):
     pert, ctx, batch = _fallback_case(controls)
     groups = group_cells(pert, ctx, batch, CONTROL, include_controls=False)
@@ -129,8 +103,9 @@ def _split_check(groups, train, val):
             np.testing.assert_array_equal(part.controls[k], groups.controls[k])
             assert part.fallback[k] == groups.fallback[k]
     for k in groups.keys:
-        got = np.concatenate([train.members.get(k, np.array([], dtype=np.int64)),
-                              val.members.get(k, np.array([], dtype=np.int64))])
+        got = np.concatenate(
+            [train.members.get(k, np.array([], dtype=np.int64)), val.members.get(k, np.array([], dtype=np.int64))]
+        )
         np.testing.assert_array_equal(np.sort(got), np.sort(groups.members[k]))
 
 
@@ -207,9 +182,14 @@ def test_split_is_seeded():
     assert a.keys == b.keys and all(np.array_equal(a.members[k], b.members[k]) for k in a.keys)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"validation_size": 1.0}, {"validation_size": -0.1}, {"validation_size": 0.2, "split": "bogus"},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"validation_size": 1.0},
+        {"validation_size": -0.1},
+        {"validation_size": 0.2, "split": "bogus"},
+    ],
+)
 def test_split_invalid_arguments(kwargs):
     pert, ctx, batch = _codes()
     groups = group_cells(pert, ctx, batch, CONTROL)

@@ -3,11 +3,6 @@ hypothesis property test of grouping -> split -> sampling."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -18,30 +13,7 @@ except ImportError:  # pragma: no cover - hypothesis is in the test extra
     given = None
 
 
-def _load_data_modules():
-    """``_grouping`` and ``_set_sampler`` without running ``perturbdiff_scvi.data.__init__`` (it imports scvi)."""
-    if "perturbdiff_scvi.data" in sys.modules:
-        from perturbdiff_scvi.data import _grouping, _set_sampler
-
-        return _grouping, _set_sampler
-    name = "_pdiff_light_data"
-    if name not in sys.modules:
-        pkg_dir = Path(next(iter(importlib.util.find_spec("perturbdiff_scvi").submodule_search_locations))) / "data"
-        pkg = types.ModuleType(name)
-        pkg.__path__ = [str(pkg_dir)]
-        sys.modules[name] = pkg
-        for sub in ("_grouping", "_set_sampler"):
-            spec = importlib.util.spec_from_file_location(f"{name}.{sub}", pkg_dir / f"{sub}.py")
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = mod
-            spec.loader.exec_module(mod)
-            setattr(pkg, sub, mod)
-    return sys.modules[f"{name}._grouping"], sys.modules[f"{name}._set_sampler"]
-
-
-_grouping, _set_sampler = _load_data_modules()
-CellGroups, group_cells, split_groups = _grouping.CellGroups, _grouping.group_cells, _grouping.split_groups
-SetBatchSampler = _set_sampler.SetBatchSampler
+from perturbdiff_scvi.data import CellGroups, SetBatchSampler, group_cells, split_groups
 
 CONTROL = 0
 
@@ -158,12 +130,23 @@ if given is not None:
     @st.composite
     def _scenario(draw):
         n_ctx, n_batch = draw(st.integers(1, 3)), draw(st.integers(1, 2))
-        keys = draw(st.lists(st.tuples(st.integers(1, 4), st.integers(0, n_ctx - 1), st.integers(0, n_batch - 1)),
-                             min_size=1, max_size=6, unique=True))
+        keys = draw(
+            st.lists(
+                st.tuples(st.integers(1, 4), st.integers(0, n_ctx - 1), st.integers(0, n_batch - 1)),
+                min_size=1,
+                max_size=6,
+                unique=True,
+            )
+        )
         sizes = draw(st.lists(st.integers(1, 25), min_size=len(keys), max_size=len(keys)))
         # control cells: a random subset of (ctx, batch) cells, at least one somewhere
-        ctrl_cells = draw(st.lists(st.tuples(st.integers(0, n_ctx - 1), st.integers(0, n_batch - 1),
-                                             st.integers(1, 6)), min_size=1, max_size=4))
+        ctrl_cells = draw(
+            st.lists(
+                st.tuples(st.integers(0, n_ctx - 1), st.integers(0, n_batch - 1), st.integers(1, 6)),
+                min_size=1,
+                max_size=4,
+            )
+        )
         pert, ctx, batch = [], [], []
         for (p, c, b), n in zip(keys, sizes, strict=True):
             pert += [p] * n
@@ -174,9 +157,17 @@ if given is not None:
             ctx += [c] * n
             batch += [b] * n
         order = np.random.default_rng(draw(st.integers(0, 2**16))).permutation(len(pert))
-        return (np.asarray(pert)[order], np.asarray(ctx)[order], np.asarray(batch)[order],
-                draw(st.integers(1, 8)), draw(st.integers(1, 4)), draw(st.sampled_from(["set", "cell", "group"])),
-                draw(st.sampled_from([0.0, 0.2, 0.5, 0.8])), draw(st.booleans()), draw(st.integers(0, 1000)))
+        return (
+            np.asarray(pert)[order],
+            np.asarray(ctx)[order],
+            np.asarray(batch)[order],
+            draw(st.integers(1, 8)),
+            draw(st.integers(1, 4)),
+            draw(st.sampled_from(["set", "cell", "group"])),
+            draw(st.sampled_from([0.0, 0.2, 0.5, 0.8])),
+            draw(st.booleans()),
+            draw(st.integers(0, 1000)),
+        )
 
     @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(_scenario())
@@ -187,8 +178,12 @@ if given is not None:
             assert (pert[members] == p).all() and (ctx[members] == c).all() and (batch[members] == b).all()
             pool, level = groups.controls[(p, c, b)], groups.fallback[(p, c, b)]
             assert len(pool) and (pert[pool] == CONTROL).all()
-            expected = {"matched": (ctx == c) & (batch == b), "same_context": ctx == c, "same_batch": batch == b,
-                        "all_controls": np.ones_like(ctx, dtype=bool)}[level] & (pert == CONTROL)
+            expected = {
+                "matched": (ctx == c) & (batch == b),
+                "same_context": ctx == c,
+                "same_batch": batch == b,
+                "all_controls": np.ones_like(ctx, dtype=bool),
+            }[level] & (pert == CONTROL)
             np.testing.assert_array_equal(np.sort(pool), np.flatnonzero(expected))
         train, val = split_groups(groups, val_size, split=split, set_size=set_size, rng=np.random.default_rng(seed))
         tr = _all_rows(train) if train.keys else np.array([], dtype=np.int64)

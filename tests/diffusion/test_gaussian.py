@@ -51,8 +51,9 @@ def test_eps_from_x0_inverts_q_sample():
     torch.testing.assert_close(diffusion.eps_from_x0(x_t, t, x0), noise, atol=1e-4, rtol=1e-4)
     # float64 inputs: agreement to rounding error
     x0d, noised = x0.double(), noise.double()
-    torch.testing.assert_close(diffusion.eps_from_x0(diffusion.q_sample(x0d, t, noised), t, x0d), noised,
-                               atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(
+        diffusion.eps_from_x0(diffusion.q_sample(x0d, t, noised), t, x0d), noised, atol=1e-10, rtol=1e-10
+    )
 
 
 def test_ddim_oracle_ends_at_x0_and_preserves_noise():
@@ -65,8 +66,9 @@ def test_ddim_oracle_ends_at_x0_and_preserves_noise():
         seen.append((x_t.clone(), t.clone()))
         return x0
 
-    out = sample_loop(oracle, diffusion, tuple(x0.shape), n_steps=10, sampler="ddim", guidance_scale=0,
-                      generator=_gen(7))
+    out = sample_loop(
+        oracle, diffusion, tuple(x0.shape), n_steps=10, sampler="ddim", guidance_scale=0, generator=_gen(7)
+    )
     torch.testing.assert_close(out, x0)
     x_T = torch.randn(x0.shape, generator=_gen(7))  # the initial pure noise drawn by the loop
     assert torch.equal(seen[0][0], x_T)
@@ -95,8 +97,10 @@ def test_seed_reproducibility_non_oracle(sampler):
         return (0.5 * x_t).clamp_min(0)
 
     shape = (2, 6, 5)
-    runs = [sample_loop(denoise, diffusion, shape, n_steps=8, sampler=sampler, guidance_scale=0,
-                        generator=_gen(seed)) for seed in (0, 0, 1)]
+    runs = [
+        sample_loop(denoise, diffusion, shape, n_steps=8, sampler=sampler, guidance_scale=0, generator=_gen(seed))
+        for seed in (0, 0, 1)
+    ]
     assert torch.equal(runs[0], runs[1])
     assert not torch.allclose(runs[0], runs[2])
     assert runs[0].shape == shape
@@ -106,8 +110,15 @@ def test_seed_reproducibility_non_oracle(sampler):
 def test_ddpm_oracle_ends_at_x0():
     diffusion = GaussianDiffusion(100)
     x0 = _x0()
-    out = sample_loop(lambda x_t, t, sc, drop: x0, diffusion, tuple(x0.shape), n_steps=10, sampler="ddpm",
-                      guidance_scale=0, generator=_gen(5))
+    out = sample_loop(
+        lambda x_t, t, sc, drop: x0,
+        diffusion,
+        tuple(x0.shape),
+        n_steps=10,
+        sampler="ddpm",
+        guidance_scale=0,
+        generator=_gen(5),
+    )
     torch.testing.assert_close(out, x0)
 
 

@@ -2,33 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from scipy.spatial.distance import cdist
 
-
-def _load_losses():
-    """The pure-torch loss module, without running ``perturbdiff_scvi.module.__init__`` (it imports scvi, ~10 s)."""
-    import importlib.util
-    import sys
-
-    if "perturbdiff_scvi.module._losses" in sys.modules:
-        return sys.modules["perturbdiff_scvi.module._losses"]
-    pkg = importlib.util.find_spec("perturbdiff_scvi")  # locates the package without importing it
-    path = Path(next(iter(pkg.submodule_search_locations))) / "module" / "_losses.py"
-    spec = importlib.util.spec_from_file_location("_pdiff_light_losses", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_losses = _load_losses()
-energy_distance, pairwise_distances, per_set_mse = (
-    _losses.energy_distance, _losses.pairwise_distances, _losses.per_set_mse
-)
+from perturbdiff_scvi.module import energy_distance, pairwise_distances, per_set_mse
 
 
 def _gen(seed: int) -> torch.Generator:

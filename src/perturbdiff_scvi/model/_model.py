@@ -83,7 +83,8 @@ class PerturbDiff(BaseModelClass):
     beta_schedule
         ``"linear"`` (released, 1e-4 to 0.02) or ``"cosine"``.
     input_scale
-        Expression is divided by this for diffusion (released ``normalize_counts=10``).
+        Expression is divided by this for diffusion. The released runs use 10 (``normalize_counts``); 1 trains
+        far better in short CPU runs (see the README) and is the default here; ``PAPER_CONFIG`` uses 10.
     energy_weight
         Weight of the set energy term in the loss (1 as released; 0 gives a per-cell MSE-only model).
     mse_weight

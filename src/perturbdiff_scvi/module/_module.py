@@ -34,8 +34,8 @@ class PerturbDiffModule(BaseModuleClass):
     beta_schedule
         ``"linear"`` (released) or ``"cosine"``.
     input_scale
-        Expression is divided by this before diffusion and multiplied back after sampling (the
-        released ``normalize_counts=10``).
+        Expression is divided by this before diffusion and multiplied back after sampling (the released
+        runs use ``normalize_counts=10``; 1 by default here).
     energy_weight, mse_weight
         Loss = ``mse_weight * MSE + energy_weight * energy``, energy being half the energy distance.
     p_drop_cond

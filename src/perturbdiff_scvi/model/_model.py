@@ -442,6 +442,8 @@ class PerturbDiff(BaseModelClass):
                 "or use split='cell'."
             )
         steps_per_epoch = len(splitter.train_dataloader().sampler)
+        if max_epochs is None:  # a finite epoch count keeps the progress bar readable ("Epoch 12/375")
+            max_epochs = math.ceil(max_steps / steps_per_epoch)
         if check_val_every_n_epoch is None and has_val:
             check_val_every_n_epoch = max(1, math.ceil(50 / steps_per_epoch))
         if check_val_every_n_epoch is not None:
@@ -454,7 +456,7 @@ class PerturbDiff(BaseModelClass):
             self,
             training_plan=plan,
             data_splitter=splitter,
-            max_epochs=-1 if max_epochs is None else max_epochs,
+            max_epochs=max_epochs,
             max_steps=-1 if max_steps is None else max_steps,
             accelerator=accelerator,
             devices=devices,

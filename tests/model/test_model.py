@@ -234,6 +234,18 @@ def test_setup_mudata_obs_on_modality(scvi_module):
     assert set(pred.obs["pert"]) == {"B"}
 
 
+def test_setup_mudata_modality_names(scvi_module):
+    import mudata
+
+    from perturbdiff_scvi import PerturbDiff
+
+    mdata = mudata.MuData({"gex": make_perturbation_adata()})
+    PerturbDiff.setup_mudata(mdata, perturbation_key="pert", control_value="ctrl", modalities={"rna": "gex"})
+    assert PerturbDiff(mdata, **TINY).summary_stats["n_perturbation"] == 3
+    with pytest.raises(KeyError, match="Modality 'rna' not found"):
+        PerturbDiff.setup_mudata(mdata, perturbation_key="pert", control_value="ctrl")
+
+
 def test_paper_config_builds(setup_adata):
     from perturbdiff_scvi import PAPER_CONFIG, PerturbDiff
 

@@ -272,7 +272,8 @@ class PerturbDiff(BaseModelClass):
         perturbation_key, control_value, context_key, batch_key
             As in :meth:`setup_anndata`.
         modalities
-            ``{"rna_layer": <name of the RNA modality>}``; defaults to ``{"rna_layer": "rna"}``.
+            ``{"rna_layer": <name of the RNA modality>}`` (scvi-tools' convention; ``{"rna": <name>}`` is accepted
+            too); defaults to ``{"rna_layer": "rna"}``.
 
         Examples
         --------
@@ -287,9 +288,12 @@ class PerturbDiff(BaseModelClass):
         if perturbation_key is None or control_value is None:
             raise ValueError("setup_mudata needs perturbation_key and control_value.")
         modalities = {"rna_layer": "rna"} if modalities is None else dict(modalities)
-        if set(modalities) - {"rna_layer"}:
-            raise ValueError(f"modalities may only name 'rna_layer'; got {sorted(modalities)}.")
-        rna_mod = modalities["rna_layer"]
+        if len(modalities) != 1 or set(modalities) - {"rna_layer", "rna"}:
+            raise ValueError(
+                f"modalities must name the RNA modality, e.g. {{'rna_layer': 'rna'}} (or {{'rna': ...}}); "
+                f"got {modalities}."
+            )
+        rna_mod = next(iter(modalities.values()))
         if rna_mod not in mdata.mod:
             raise KeyError(
                 f"Modality {rna_mod!r} not found in mdata.mod (available: {list(mdata.mod)}); set "

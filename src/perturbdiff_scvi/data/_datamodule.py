@@ -83,6 +83,7 @@ class SetDataSplitter(pl.LightningDataModule):
         if not groups.members:
             raise ValueError("No perturbed cells to train on: every cell is a control cell.")
         self._warn_fallbacks(groups)
+        self._warn_tiny(groups)
         rng = np.random.default_rng(self.seed)
         self.train_groups, self.val_groups = split_groups(
             groups, self.validation_size, split=self.split, set_size=self.set_size, rng=rng
@@ -107,6 +108,26 @@ class SetDataSplitter(pl.LightningDataModule):
                 f"{len(pairs)} (context, batch) pair(s) have perturbed cells but no control cells; their control "
                 f"sets are drawn from a wider pool ({shown}{', ...' if len(pairs) > 5 else ''}). Fallback order: "
                 "same context in other batches, then same batch in other contexts, then all controls.",
+                UserWarning,
+                stacklevel=settings.warnings_stacklevel,
+            )
+
+    def _warn_tiny(self, groups: CellGroups) -> None:
+        """Groups far smaller than a set are padded by resampling a handful of cells: say so."""
+        limit = max(2, self.set_size // 4)
+        tiny = {k: len(m) for k, m in groups.members.items() if len(m) < limit}
+        if tiny:
+            maps = [
+                self.adata_manager.get_state_registry(key).categorical_mapping
+                for key in (PDIFF_KEYS.PERT_KEY, PDIFF_KEYS.CONTEXT_KEY, PDIFF_KEYS.BATCH_KEY)
+            ]
+            shown = ", ".join(
+                f"({maps[0][k[0]]}, {maps[1][k[1]]}, {maps[2][k[2]]}): {n} cells" for k, n in list(tiny.items())[:5]
+            )
+            warnings.warn(
+                f"{len(tiny)} (perturbation, context, batch) group(s) have fewer than {limit} cells ({shown}"
+                f"{', ...' if len(tiny) > 5 else ''}); their sets of {self.set_size} cells are filled by resampling "
+                "those few cells, so the model sees little of their variability.",
                 UserWarning,
                 stacklevel=settings.warnings_stacklevel,
             )

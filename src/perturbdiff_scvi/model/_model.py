@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
+import signal
+import uuid
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -13,6 +19,7 @@ import rich.pretty  # noqa: F401  (scvi 1.4.2 + rich>=15: view_anndata_setup nee
 import torch
 from anndata import AnnData
 from scipy import sparse
+from scvi import settings
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField, MuDataCategoricalObsField, MuDataLayerField
 from scvi.model.base import BaseModelClass
@@ -467,7 +474,129 @@ class PerturbDiff(BaseModelClass):
             early_stopping=early_stopping,
             **trainer_kwargs,
         )
-        return runner()
+        sigint_handler = signal.getsignal(signal.SIGINT)
+        try:
+            return runner()
+        except (KeyboardInterrupt, SystemExit) as err:
+            # Lightning turns Ctrl+C into sys.exit(1) and ignores further Ctrl+C; undo both and keep the model.
+            if isinstance(err, SystemExit) and not runner.trainer.interrupted:
+                raise
+            self._after_interrupt(runner, sigint_handler)
+
+    def _after_interrupt(self, runner, sigint_handler) -> None:
+        """Leave a usable model after Ctrl+C: weights of the last completed step, eval mode, history kept."""
+        try:
+            signal.signal(signal.SIGINT, sigint_handler)
+        except ValueError:  # not the main thread: nothing was changed there
+            pass
+        steps = int(runner.trainer.global_step)
+        self.module.eval()
+        self.is_trained_ = self.is_trained_ or steps > 0
+        splitter = runner.data_splitter
+        self.train_indices, self.validation_indices = splitter.train_idx, splitter.val_idx
+        self.test_indices = splitter.test_idx
+        warnings.warn(
+            f"Training interrupted after {steps} optimisation steps; the model keeps the weights of the last completed "
+            "step and can predict, be saved or be trained further.",
+            UserWarning,
+            stacklevel=settings.warnings_stacklevel,
+        )
+
+    # ------------------------------------------------------------------ save / load
+    def save(
+        self,
+        dir_path: str | os.PathLike,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        **kwargs,
+    ) -> None:
+        """Save the model (scvi-tools format) atomically.
+
+        Everything is written to a temporary folder next to ``dir_path`` that is renamed into place at
+        the end, so an interrupted save never leaves a half-written model at ``dir_path`` (with
+        ``overwrite=True`` the previous model stays intact until the new one is complete).
+
+        Parameters
+        ----------
+        dir_path
+            Folder to save into.
+        prefix
+            Prefix of the file names.
+        overwrite
+            Replace an existing folder.
+        save_anndata
+            Also write the registered AnnData (makes the folder self-contained).
+        **kwargs
+            Passed to :meth:`scvi.model.base.BaseModelClass.save`.
+
+        Examples
+        --------
+        >>> model.save("kang_model", overwrite=True)
+        >>> model = PerturbDiff.load("kang_model", adata=train)
+        """
+        target = Path(dir_path)
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{str(target)!r} already exists; pass overwrite=True or choose another folder.")
+        token = uuid.uuid4().hex[:8]
+        tmp = target.parent / f".{target.name}.saving-{token}"
+        old = target.parent / f".{target.name}.replaced-{token}"
+        try:
+            super().save(str(tmp), prefix=prefix, overwrite=True, save_anndata=save_anndata, **kwargs)
+            if target.exists():
+                os.replace(target, old)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+
+    @classmethod
+    def load(cls, dir_path: str | os.PathLike, adata: AnnData | MuData | None = None, **kwargs) -> PerturbDiff:
+        """Load a model saved with :meth:`save`, with clear errors for missing, corrupt or mismatched inputs.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        adata
+            The AnnData (or MuData) the model was trained on, or one with the same genes in the same order
+            and the same categories; not needed if the model was saved with ``save_anndata=True``.
+        **kwargs
+            Passed to :meth:`scvi.model.base.BaseModelClass.load` (``accelerator``, ``device``, ``prefix``).
+
+        Examples
+        --------
+        >>> model = PerturbDiff.load("kang_model", adata=train)
+        """
+        path = Path(dir_path)
+        model_file = path / f"{kwargs.get('prefix') or ''}model.pt"
+        if not path.is_dir():
+            raise FileNotFoundError(f"No saved model at {str(path)!r}: the folder does not exist.")
+        if not model_file.is_file():
+            raise FileNotFoundError(
+                f"{str(path)!r} holds no {model_file.name!r}; it is not a folder written by PerturbDiff.save()."
+            )
+        try:
+            saved = torch.load(model_file, map_location="cpu", weights_only=False)
+            saved_name = saved["attr_dict"]["registry_"]["model_name"]
+            saved_genes = saved["var_names"]
+        except Exception as err:  # any failure here means an unreadable file
+            raise ValueError(
+                f"Could not read the saved model {str(model_file)!r}: the file is corrupt or incomplete "
+                f"({type(err).__name__}: {err}). Save the model again."
+            ) from err
+        if saved_name != cls.__name__:
+            raise ValueError(f"{str(path)!r} holds a {saved_name} model, not a {cls.__name__}.")
+        if adata is not None:
+            _check_same_genes(adata, saved_genes)
+        try:
+            return super().load(str(path), adata=adata, **kwargs)
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise ValueError(
+                f"The data given to PerturbDiff.load() does not match the saved model: {err} Pass the "
+                "AnnData the model was trained on (same genes in the same order, same perturbation, "
+                "context and batch categories)."
+            ) from err
 
     # ------------------------------------------------------------------ prediction
     @torch.inference_mode()
@@ -760,11 +889,36 @@ def _prepare_control_adata(model: PerturbDiff, control_adata: AnnData):
     return matrix[rows], codes
 
 
+def _check_same_genes(adata, saved_genes) -> None:
+    """The genes of ``adata`` (its RNA modality for MuData) must equal the saved training genes, in order."""
+    if isinstance(saved_genes, dict):
+        mods = getattr(adata, "mod", {})
+        pairs = [(np.asarray(v), mods[k].var_names) for k, v in saved_genes.items() if k in mods]
+    else:
+        pairs = [(np.asarray(saved_genes), adata.var_names)]
+    for expected, got in pairs:
+        if len(expected) != len(got) or not np.array_equal(expected.astype(str), np.asarray(got).astype(str)):
+            first = next(
+                (i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if str(a) != str(b)),
+                min(len(expected), len(got)),
+            )
+            raise ValueError(
+                f"The AnnData has {len(got)} genes but the model was trained on {len(expected)}, or in another order "
+                f"(first difference at position {first}). Subset and order it with adata[:, saved_genes] where "
+                "saved_genes are the training genes (PerturbDiff.load_registry / model.var_names)."
+            )
+
+
 def _check_setup_inputs(
     adata: AnnData, obs: pd.DataFrame, perturbation_key, control_value, context_key, batch_key, matrix, where: str
 ) -> None:
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
+    if getattr(adata, "is_view", False):
+        raise ValueError(
+            "The AnnData is a view (e.g. adata[mask]); setup would have to modify its parent. Make it "
+            "an object of its own first: adata = adata[mask].copy()."
+        )
     if getattr(adata, "isbacked", False):
         raise ValueError(
             "Backed AnnData is not supported (set sampling needs random access in a fixed order); load "

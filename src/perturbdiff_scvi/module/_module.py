@@ -178,8 +178,8 @@ class PerturbDiffModule(BaseModuleClass):
         if n % self.ema_every:
             return
         decay = min(self.ema_decay, (1 + n / self.ema_every) / (10 + n / self.ema_every))
-        for p_ema, p in zip(self.ema.parameters(), self.denoiser.parameters(), strict=True):
-            p_ema.lerp_(p.detach(), 1 - decay)
+        # One fused call: a Ctrl+C cannot leave the EMA half-updated.
+        torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.denoiser.parameters()], 1 - decay)
 
     # ----------------------------------------------------------------- sampling
     @torch.inference_mode()

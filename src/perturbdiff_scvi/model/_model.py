@@ -474,6 +474,9 @@ class PerturbDiff(BaseModelClass):
             early_stopping=early_stopping,
             **trainer_kwargs,
         )
+        # A trained model is left in eval mode and Lightning keeps module modes as found: switch back, or
+        # further training would skip self-conditioning.
+        self.module.train()
         sigint_handler = signal.getsignal(signal.SIGINT)
         try:
             return runner()

@@ -75,10 +75,5 @@ class DiffusionTrainingPlan(TrainingPlan):
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def on_train_start(self) -> None:
-        # A trained model is left in eval mode and Lightning 2.6 keeps module modes as found: switch back, or
-        # further training would skip self-conditioning.
-        self.module.train()
-
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.module.update_ema()

@@ -28,8 +28,9 @@ def _setup(adata=None):
     from perturbdiff_scvi import PerturbDiff
 
     adata = make_perturbation_adata() if adata is None else adata
-    PerturbDiff.setup_anndata(adata, perturbation_key="pert", control_value="ctrl", context_key="ctx",
-                              batch_key="batch")
+    PerturbDiff.setup_anndata(
+        adata, perturbation_key="pert", control_value="ctrl", context_key="ctx", batch_key="batch"
+    )
     return adata
 
 
@@ -89,8 +90,9 @@ def test_save_is_atomic(trained_model, setup_adata, tmp_path, monkeypatch):
         trained_model.save(target, overwrite=True)
     monkeypatch.setattr(torch, "save", real_save)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
-    after = PerturbDiff.load(target, adata=make_perturbation_adata()).predict_population("A", n_cells=5, seed=0,
-                                                                                          n_steps=3)
+    after = PerturbDiff.load(target, adata=make_perturbation_adata()).predict_population(
+        "A", n_cells=5, seed=0, n_steps=3
+    )
     np.testing.assert_array_equal(before.X, after.X)  # the old model survived intact
 
 

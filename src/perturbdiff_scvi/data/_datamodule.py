@@ -114,7 +114,7 @@ class SetDataSplitter(pl.LightningDataModule):
 
     def _warn_tiny(self, groups: CellGroups) -> None:
         """Groups far smaller than a set are padded by resampling a handful of cells: say so."""
-        limit = max(2, self.set_size // 4)
+        limit = max(2, self.set_size // 2)
         tiny = {k: len(m) for k, m in groups.members.items() if len(m) < limit}
         if tiny:
             maps = [

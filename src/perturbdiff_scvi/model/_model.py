@@ -37,6 +37,7 @@ from ._validation import (
     check_obs_column,
     expression_matrix,
     find_category,
+    positive_int,
 )
 
 if TYPE_CHECKING:
@@ -152,8 +153,7 @@ class PerturbDiff(BaseModelClass):
             "n_timesteps": n_timesteps,
             "ema_every": ema_every,
         }.items():
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+            positive_int(value, name)
         if (2 * n_hidden) % n_heads:
             raise ValueError(f"2 * n_hidden ({2 * n_hidden}) must be divisible by n_heads ({n_heads}).")
         ss = self.summary_stats
@@ -430,9 +430,9 @@ class PerturbDiff(BaseModelClass):
         """
         if max_epochs is None and max_steps is None:
             max_steps = DEFAULT_MAX_STEPS
-        for name, value in {"max_epochs": max_epochs, "max_steps": max_steps, "batch_size": batch_size}.items():
-            if value is not None and (int(value) != value or value < 1):
-                raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+        max_epochs = None if max_epochs is None else positive_int(max_epochs, "max_epochs")
+        max_steps = None if max_steps is None else positive_int(max_steps, "max_steps")
+        batch_size = positive_int(batch_size, "batch_size")
         if lr <= 0:
             raise ValueError(f"lr must be > 0; got {lr}.")
         splitter = self._data_splitter_cls(
@@ -669,10 +669,10 @@ class PerturbDiff(BaseModelClass):
         >>> sc.pl.umap(anndata.concat([real, pred], label="source"), color="condition")
         """
         self._check_if_trained(warn=True)
-        _check_predict_args(
+        n_cells, n_populations, n_steps, batch_size = _check_predict_args(
             n_cells, n_populations, guidance_scale, n_steps, self.module.diffusion.n_timesteps, sampler, batch_size
         )
-        perturbations = _as_list(perturbations)
+        perturbations = _as_list(perturbations, "perturbations")
         pert_key, ctx_key, batch_key = (self._setup_arg(k) for k in ("perturbation_key", "context_key", "batch_key"))
         pert_codes, ctx_codes, batch_codes = registered_codes(self.adata_manager)
         p_ids = [self._seen_code(PDIFF_KEYS.PERT_KEY, v, pert_codes, "perturbation", pert_key) for v in perturbations]
@@ -680,14 +680,15 @@ class PerturbDiff(BaseModelClass):
             c_ids = np.unique(ctx_codes).tolist()
         else:
             c_ids = [
-                self._seen_code(PDIFF_KEYS.CONTEXT_KEY, v, ctx_codes, "context", ctx_key) for v in _as_list(contexts)
+                self._seen_code(PDIFF_KEYS.CONTEXT_KEY, v, ctx_codes, "context", ctx_key)
+                for v in _as_list(contexts, "contexts")
             ]
         b_req = (
             None
             if batches is None
             else [
                 find_category(self._mapping(PDIFF_KEYS.BATCH_KEY), v, "batch", str(batch_key))
-                for v in _as_list(batches)
+                for v in _as_list(batches, "batches")
             ]
         )
         source = _ControlSource(self, control_adata, pert_codes, ctx_codes, batch_codes)
@@ -939,22 +940,23 @@ def _check_setup_inputs(
     check_log_normalised(matrix, where)
 
 
-def _check_predict_args(n_cells, n_populations, guidance_scale, n_steps, n_timesteps, sampler, batch_size) -> None:
-    if n_cells is not None and (int(n_cells) != n_cells or n_cells <= 0):
-        raise ValueError(f"n_cells must be a positive integer or None; got {n_cells!r}.")
-    if int(n_populations) != n_populations or n_populations < 1:
-        raise ValueError(f"n_populations must be a positive integer; got {n_populations!r}.")
-    if not np.isfinite(guidance_scale) or guidance_scale < 0:
+def _check_predict_args(n_cells, n_populations, guidance_scale, n_steps, n_timesteps, sampler, batch_size):
+    """Validate the numeric options of ``predict_population``; return the counts as ints."""
+    if not isinstance(guidance_scale, int | float | np.number) or not np.isfinite(guidance_scale) or guidance_scale < 0:
         raise ValueError(f"guidance_scale must be >= 0 (0 = no guidance); got {guidance_scale!r}.")
-    if int(n_steps) != n_steps or not 1 <= n_steps <= n_timesteps:
-        raise ValueError(f"n_steps must be an integer between 1 and n_timesteps={n_timesteps}; got {n_steps!r}.")
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"sampler must be 'ddim' or 'ddpm'; got {sampler!r}.")
-    if int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
+    return (
+        None if n_cells is None else positive_int(n_cells, "n_cells", allow_none=True),
+        positive_int(n_populations, "n_populations"),
+        positive_int(n_steps, "n_steps", upper=n_timesteps, upper_name="n_timesteps"),
+        positive_int(batch_size, "batch_size"),
+    )
 
 
-def _as_list(values) -> list:
+def _as_list(values, name: str) -> list:
     if isinstance(values, str | int | bool | np.integer) or not isinstance(values, Sequence | np.ndarray | pd.Index):
         return [values]
+    if len(values) == 0:
+        raise ValueError(f"{name} is empty; give at least one value (or None for all, where allowed).")
     return list(values)

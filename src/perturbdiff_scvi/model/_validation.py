@@ -9,8 +9,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-# log1p(1e4-normalised counts) stays below ~10 and log1p(CPM) below ~14; integer matrices above this
-# are counts.
+# log1p(1e4-normalised counts) stays below ~10 and log1p(CPM) below ~14.
 RAW_COUNT_MAX = 20.0
 _FIX_LOGNORM = (
     "PerturbDiff models log1p of library-size-normalised expression. Keep the counts in a layer and "
@@ -56,7 +55,9 @@ def check_log_normalised(matrix, where: str) -> None:
             f"cannot be modelled. {_FIX_LOGNORM}"
         )
     vmax = float(values.max())
-    if vmax > RAW_COUNT_MAX and np.allclose(values, np.round(values)):
+    nonzero = values[values != 0]
+    # log1p of normalised counts is essentially never integer-valued; a matrix of integers is counts.
+    if (vmax > RAW_COUNT_MAX or nonzero.size >= 10) and np.array_equal(nonzero, np.round(nonzero)):
         raise ValueError(f"{where} looks like raw counts (all integers, max {vmax:.0f}). {_FIX_LOGNORM}")
     if vmax > 50:
         raise ValueError(f"{where} has values up to {vmax:.3g}, far above log1p-normalised expression. {_FIX_LOGNORM}")
@@ -104,3 +105,14 @@ def check_control_value(column: pd.Series, control_value, key: str) -> None:
             f"control_value={control_value!r} does not occur in adata.obs[{key!r}].{hint} "
             f"Values present: {sorted(values)[:20]}"
         )
+
+
+def positive_int(value, name: str, upper: int | None = None, upper_name: str = "", allow_none: bool = False) -> int:
+    """``value`` as an ``int`` if it is a whole number in ``1..upper``; a ``ValueError`` naming ``name`` otherwise."""
+    ok = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+    ok = ok and float(value).is_integer() and value >= 1 and (upper is None or value <= upper)
+    if not ok:
+        if upper is not None:
+            raise ValueError(f"{name} must be an integer between 1 and {upper_name}={upper}; got {value!r}.")
+        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}; got {value!r}.")
+    return int(value)

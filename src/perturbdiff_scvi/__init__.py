@@ -15,7 +15,7 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0"
 
-__all__ = ["PAPER_CONFIG", "PerturbDiff", "datasets"]
+__all__ = ["PAPER_CONFIG", "PerturbDiff", "baselines", "datasets", "metrics", "tl"]
 
 _LAZY = {
     "PerturbDiff": "model",
@@ -25,6 +25,9 @@ _LAZY = {
     "nn": None,
     "diffusion": None,
     "data": None,
+    "metrics": None,
+    "baselines": None,
+    "tl": None,
 }
 
 

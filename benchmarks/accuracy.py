@@ -1,0 +1,345 @@
+"""Accuracy benchmark: PerturbDiff against simple baselines and a data ceiling on held-out stimulated cells.
+
+Protocol (public API only; one fresh model per held-out condition, package defaults, ``scvi.settings.seed``):
+
+- ``kang`` (``datasets.kang2018()``, IFN-beta control / stimulated, 7 cell types): leave one cell type out.
+  For each cell type, training = every cell except the stimulated cells of that type; genes = the 2,000
+  highly variable genes of the training cells; PerturbDiff predicts ``n_cells`` = number of real held-out
+  cells for ("stimulated", that type).
+- ``kang_donors`` (``datasets.kang2018_donors()``, 5 cell types x donors 101 / 107, all 1,267 genes): for each
+  cell type, hold out its stimulated cells of donor 107 (``batch_key="donor"``) and predict them with
+  ``batches="107"``; the control cells scored against are those of the type in donor 107.
+- Norman 2019 (held-out A+B doubles) is not run: one-hot perturbation embeddings cannot represent an unseen
+  combination (needs a combinatorial perturbation encoding, separate issue).
+
+Methods, scored side by side with ``tl.evaluate`` (PCA fitted on the training cells, normalised against
+``cell_mean``): PerturbDiff; PerturbDiff_zeroed (values below ``realistic_zero_threshold`` of the training X set
+to 0, for a realistic DE zero pattern); the baselines control, cell_mean, additive (+ additive_zeroed), pooled,
+linear (all with ``n_cells`` = real cells; ``batch_key="donor"`` on kang_donors); on kang_donors also
+same_type_other_donor (the real stimulated cells of the type in donor 101, which the model also sees); and a
+ceiling (half of the real held-out cells against the other half, ``baseline=None``). The discrimination scores
+(PDS) rank a method's predicted shift among the real shifts of all held-out conditions of the task, over the
+genes shared by all of them. Outputs: results.csv, summary.md, metric_bars.png, delta_scatter_<task>.png,
+run.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from importlib.metadata import version
+from pathlib import Path
+from typing import NamedTuple
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import scanpy as sc
+import scvi
+
+from perturbdiff_scvi import PerturbDiff, baselines, datasets, tl
+from perturbdiff_scvi.metrics import (
+    baseline_normalized_score,
+    discrimination_score,
+    realistic_zero_threshold,
+    zero_small_values,
+)
+
+logger = logging.getLogger("benchmarks.accuracy")
+PERT, CONTROL, KEYS = "stimulated", "control", {"perturbation_key": "condition", "context_key": "cell_type"}
+METHODS = ["PerturbDiff", "PerturbDiff_zeroed", "control", "cell_mean", "additive", "additive_zeroed", "pooled"]
+METHODS += ["linear", "same_type_other_donor", "ceiling"]
+SUMMARY_METRICS = ["pearson_delta", "r2_top100_de", "e_distance", "overlap_at_N", "discrimination_score_l1", "mae"]
+NORMAN = "not run: needs combinatorial perturbation encoding (separate issue)"
+DONORS_NOTE = (
+    "Baselines exclude the whole (stimulated, cell type) pair, also donor 101's cells that the model sees, and draw "
+    "control cells of the type from both donors; same_type_other_donor = donor 101's real stimulated cells of the type."
+)
+TARGETS = {
+    "pearson_delta": (">=", 0.88),
+    "r2_top100_de": (">=", 0.90),
+    "e_distance": ("<=", 1.5),
+    "overlap_at_N": (">=", 0.42),
+}
+BASELINES = {
+    "control": baselines.control_baseline,
+    "cell_mean": baselines.cell_mean_baseline,
+    "additive": baselines.additive_shift_baseline,
+    "pooled": baselines.pooled_other_contexts_baseline,
+    "linear": baselines.linear_baseline,
+}
+
+
+class Task(NamedTuple):
+    load: Callable[[], object]  # dataset loader
+    batch_key: str | None  # batch column; only the cells of batch `batch` are held out
+    batch: str | None
+    hvg: bool  # model the HVGs of the training cells (else all genes)
+    show: str  # held-out cell type of the delta scatter
+    quick: list[str]  # held-out cell types of --quick
+
+
+TASKS = {
+    "kang": Task(datasets.kang2018, None, None, True, "CD4T", ["CD4T", "B"]),
+    "kang_donors": Task(datasets.kang2018_donors, "donor", "107", False, "CD4 T cells", ["CD4 T cells", "B cells"]),
+}
+
+
+def mask(adata, column, value):
+    return (adata.obs[column].astype(str) == str(value)).to_numpy()
+
+
+def conditions(task: str, quick: bool, n_top_genes: int):
+    """Yield (held-out cell type, training AnnData, real held-out cells, matched control cells), genes selected."""
+    spec = TASKS[task]
+    adata = spec.load()
+    types = spec.quick if quick else [str(c) for c in adata.obs["cell_type"].cat.categories]
+    for ct in types:
+        in_batch = mask(adata, spec.batch_key, spec.batch) if spec.batch_key else np.ones(adata.n_obs, bool)
+        in_type = mask(adata, "cell_type", ct) & in_batch
+        held = in_type & mask(adata, "condition", PERT)
+        train = adata[~held].copy()
+        if spec.hvg:
+            sc.pp.highly_variable_genes(train, n_top_genes=n_top_genes)
+            train = train[:, train.var["highly_variable"].to_numpy()].copy()
+        genes = train.var_names
+        yield ct, train, adata[held, genes].copy(), adata[in_type & mask(adata, "condition", CONTROL), genes].copy()
+
+
+def zeroed(pred, threshold):
+    out = pred.copy()
+    out.X = zero_small_values(out.X, threshold)
+    return out
+
+
+def mean(x) -> np.ndarray:
+    return np.asarray(x.mean(axis=0)).ravel()
+
+
+def run_condition(task, ct, train, real, control, args):
+    """Train, predict and evaluate one held-out condition; returns the tidy table, deltas and run facts."""
+    spec, t0 = TASKS[task], time.time()
+    batch_key, batch = spec.batch_key, spec.batch
+    scvi.settings.seed = args.seed
+    PerturbDiff.setup_anndata(train, control_value=CONTROL, batch_key=batch_key, **KEYS)
+    model = PerturbDiff(train)
+    model.train(max_steps=args.max_steps, enable_progress_bar=False)
+    preds = {
+        "PerturbDiff": model.predict_population(PERT, contexts=ct, batches=batch, n_cells=real.n_obs, seed=args.seed)
+    }
+    threshold = realistic_zero_threshold(train.X)
+    preds["PerturbDiff_zeroed"] = zeroed(preds["PerturbDiff"], threshold)
+    for name, fn in BASELINES.items():
+        try:
+            preds[name] = fn(
+                train, PERT, ct, control_value=CONTROL, batch_key=batch_key, n_cells=real.n_obs, seed=args.seed, **KEYS
+            )
+        except Exception as exc:  # noqa: BLE001 - a failing baseline is recorded as missing
+            logger.warning("%s / %s: baseline %r missing: %s", task, ct, name, exc)
+    if "additive" in preds:
+        preds["additive_zeroed"] = zeroed(preds["additive"], threshold)
+    if batch_key is not None:  # the real stimulated cells of the same type in the other donor(s)
+        other = mask(train, "cell_type", ct) & mask(train, "condition", PERT)
+        if other.any():
+            preds["same_type_other_donor"] = train[other].copy()
+    common = {"pca_reference": train, "seed": args.seed, **KEYS}
+    table = tl.evaluate(preds, real, control, baseline="cell_mean" if "cell_mean" in preds else None, **common)
+    half, reference = baselines.half_vs_half_ceiling(real, seed=args.seed, **KEYS)
+    table = pd.concat([table, tl.evaluate({"ceiling": half}, reference, control, baseline=None, **common)])
+    ctrl_mean = mean(control.X)
+    deltas = {m: pd.Series(mean(p.X) - ctrl_mean, index=real.var_names) for m, p in preds.items()}
+    deltas["ceiling"] = pd.Series(mean(half.X) - ctrl_mean, index=real.var_names)
+    real_deltas = {
+        "real": pd.Series(mean(real.X) - ctrl_mean, index=real.var_names),
+        "ceiling": pd.Series(mean(reference.X) - ctrl_mean, index=real.var_names),
+    }
+    facts = {"seconds": round(time.time() - t0, 1), "train_steps": int(model.trainer.global_step)}
+    facts.update(zero_threshold=threshold, n_real=real.n_obs, n_control=control.n_obs, n_train=train.n_obs)
+    facts.update(n_genes=real.n_vars, methods=sorted(preds))
+    return table.assign(task=task, held_out=ct), deltas, real_deltas, facts
+
+
+def discrimination(task, deltas, real_deltas):
+    """PDS of each method across the held-out conditions of a task, on the genes shared by all of them."""
+    if len(real_deltas) < 2:
+        return pd.DataFrame()
+    genes = sorted(set.intersection(*(set(d["real"].index) for d in real_deltas.values())))
+    records = []
+    methods = {m for d in deltas.values() for m in d}
+    for method in sorted(methods):
+        pred = {ct: d[method][genes].to_numpy() for ct, d in deltas.items() if method in d}
+        ref = "ceiling" if method == "ceiling" else "real"
+        real = {ct: d[ref][genes].to_numpy() for ct, d in real_deltas.items()}
+        for metric in ("l1", "l2", "cosine"):
+            for ct, v in discrimination_score(pred, real, metric=metric).items():
+                records.append((task, ct, method, PERT, ct, f"discrimination_score_{metric}", float(v)))
+    out = pd.DataFrame(records, columns=["task", "held_out", "method", "perturbation", "context", "metric", "value"])
+    base = out[out["method"] == "cell_mean"].set_index(["held_out", "metric"])["value"]
+    b = out.set_index(["held_out", "metric"]).index.map(base.get).to_numpy(dtype=float)
+    out["normalized_score"] = np.where(
+        out["method"].isin(["cell_mean", "ceiling"]),
+        np.nan,
+        baseline_normalized_score(out["value"].to_numpy(), b, best=1),
+    )
+    return out
+
+
+def md_table(frame: pd.DataFrame, index_name: str) -> str:
+    cols = list(frame.columns)
+    lines = [f"| {index_name} | " + " | ".join(map(str, cols)) + " |", "|---" * (len(cols) + 1) + "|"]
+    for idx, row in frame.iterrows():
+        cells = ["" if pd.isna(v) else str(int(v)) if c == "n_held_out" else f"{v:.3f}" for c, v in row.items()]
+        lines.append(f"| {idx} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def method_means(results: pd.DataFrame, task: str) -> pd.DataFrame:
+    sub = results[(results["task"] == task) & results["metric"].isin(SUMMARY_METRICS)]
+    table = sub.pivot_table(index="method", columns="metric", values="value", aggfunc="mean")
+    table = table.reindex(columns=[m for m in SUMMARY_METRICS if m in table.columns])
+    table["n_held_out"] = sub.groupby("method")["held_out"].nunique()
+    return ordered(table)
+
+
+def ordered(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows in the order of METHODS (model first, ceiling last)."""
+    return table.reindex([m for m in METHODS if m in table.index])
+
+
+def write_summary(out: Path, results: pd.DataFrame, run: dict, quick: bool) -> None:
+    quick_note = (
+        "**QUICK RUN, not a result** (2 held-out types per task, 30 steps, 300 HVGs on kang; smoke test only).\n\n"
+    )
+    header = f"""{quick_note if quick else ""}# PerturbDiff accuracy benchmark
+
+Command: `{run["command"]}`
+
+Seed {run["seed"]}, max_steps {run["max_steps"] or "package default"}, {run["cpu_count"]} CPUs, total \
+{run["seconds"]["total"]} s. Values are means over held-out conditions (n_held_out: conditions with a value).
+PerturbDiff_zeroed / additive_zeroed: values below the 1 % quantile of the non-zero training values set to 0
+(thresholds in run.json). PDS (discrimination_score_l1) ranks each predicted shift among the real shifts of the
+task's held-out conditions. The ceiling scores half of the real held-out cells against the other half.
+"""
+    lines = [header]
+    for task in results["task"].unique():
+        lines += [f"## {task}", "", md_table(method_means(results, task), "method"), ""]
+        if task == "kang_donors":
+            lines += [DONORS_NOTE, ""]
+        for ct in results.loc[results["task"] == task, "held_out"].unique():
+            sub = results[(results["task"] == task) & (results["held_out"] == ct)]
+            per = sub[sub["metric"].isin(SUMMARY_METRICS)].pivot_table(index="method", columns="metric", values="value")
+            per = ordered(per.reindex(columns=[m for m in SUMMARY_METRICS if m in per.columns]))
+            lines += [
+                f"### {task}: held out {ct} ({run['conditions'][task][ct]['n_real']} real cells)",
+                "",
+                md_table(per, "method"),
+                "",
+            ]
+    lines += ["## Norman 2019 (held-out A+B doubles)\n", NORMAN, "", "## Targets\n"]
+    if "kang" in set(results["task"]):
+        means = method_means(results, "kang")
+        lines += [
+            "Kang, mean over held-out cell types" + (" (QUICK RUN: not meaningful)" if quick else "") + ":",
+            "",
+            "| metric | target | PerturbDiff | | PerturbDiff_zeroed | |",
+            "|---|---|---|---|---|---|",
+        ]
+        for metric, (op, target) in TARGETS.items():
+            cells = []
+            for method in ("PerturbDiff", "PerturbDiff_zeroed"):
+                v = means.loc[method, metric] if method in means.index and metric in means.columns else np.nan
+                ok = np.isfinite(v) and (v >= target if op == ">=" else v <= target)
+                cells += [f"{v:.3f}", "REACHED" if ok else "NOT REACHED"]
+            lines.append(f"| {metric} | {op} {target} | " + " | ".join(cells) + " |")
+    else:
+        lines.append("Task kang not run: targets not checked.")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def figures(out: Path, results: pd.DataFrame, scatter: dict) -> None:
+    tasks = list(results["task"].unique())
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    for ax, metric in zip(axes.ravel(), SUMMARY_METRICS, strict=True):
+        sub = results[results["metric"] == metric].groupby(["method", "task"])["value"].mean().unstack("task")
+        ordered(sub.reindex(columns=tasks)).plot.bar(ax=ax, legend=metric == SUMMARY_METRICS[0], width=0.8)
+        ax.set_title(metric)
+        ax.set_xlabel("")
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle("Mean over held-out conditions, per method")
+    fig.tight_layout()
+    fig.savefig(out / "metric_bars.png", dpi=110)
+    plt.close(fig)
+    for task, (ct, pred, real) in scatter.items():
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.scatter(real, pred, s=5, alpha=0.5)
+        lim = [min(real.min(), pred.min()), max(real.max(), pred.max())]
+        ax.plot(lim, lim, color="grey", lw=0.8)
+        r = np.corrcoef(real, pred)[0, 1]
+        ax.set(xlabel="real mean shift (stimulated - control)", ylabel="PerturbDiff predicted mean shift")
+        ax.set_title(f"{task}: held out {ct} (Pearson {r:.3f})")
+        fig.tight_layout()
+        fig.savefig(out / f"delta_scatter_{task}.png", dpi=110)
+        plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--tasks", default="kang,kang_donors")
+    parser.add_argument("--max-steps", type=int, default=None, help="training steps (default: the package's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="smoke test: 2 held-out types, 30 steps, 300 HVGs")
+    args = parser.parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if unknown := [t for t in tasks if t not in TASKS]:
+        parser.error(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
+    if args.quick and args.max_steps is None:
+        args.max_steps = 30
+    n_top_genes = 300 if args.quick else 2000
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("lightning", "lightning.pytorch", "scvi"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    run = {"command": shlex.join([sys.executable, *sys.argv]), "seed": args.seed, "max_steps": args.max_steps}
+    run.update(quick=args.quick, tasks=tasks, n_top_genes_kang=n_top_genes, cpu_count=os.cpu_count())
+    run["versions"] = {p: version(p) for p in ("perturbdiff-scvi", "scvi-tools", "torch", "anndata", "scanpy")}
+    run["versions"]["python"] = platform.python_version()
+    run.update(platform=platform.platform(), conditions={}, seconds={})
+    tables, scatter = [], {}
+    for task in tasks:
+        t_task, deltas, real_deltas = time.time(), {}, {}
+        run["conditions"][task] = {}
+        for ct, train, real, control in conditions(task, args.quick, n_top_genes):
+            table, deltas[ct], real_deltas[ct], facts = run_condition(task, ct, train, real, control, args)
+            tables.append(table)
+            run["conditions"][task][ct] = facts
+            n, steps, secs = facts["n_real"], facts["train_steps"], facts["seconds"]
+            print(f"[{task}] held out {ct}: {n} real cells, {steps} training steps, {secs:.1f} s", flush=True)
+        tables.append(discrimination(task, deltas, real_deltas))
+        show = TASKS[task].show if TASKS[task].show in deltas else next(iter(deltas))
+        scatter[task] = (show, deltas[show]["PerturbDiff"].to_numpy(), real_deltas[show]["real"].to_numpy())
+        run["seconds"][task] = round(time.time() - t_task, 1)
+    results = pd.concat([t for t in tables if len(t)], ignore_index=True)
+    cols = ["task", "held_out", "method", "perturbation", "context", "metric", "value", "normalized_score"]
+    results = results[cols].sort_values(["task", "held_out", "method", "metric"], kind="stable")
+    results.to_csv(args.out / "results.csv", index=False)
+    figures(args.out, results, scatter)
+    run["seconds"]["total"] = round(time.time() - start, 1)
+    write_summary(args.out, results, run, args.quick)
+    (args.out / "run.json").write_text(json.dumps(run, indent=2, default=float))
+    print(f"done in {run['seconds']['total']} s; results in {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

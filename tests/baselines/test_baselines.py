@@ -330,3 +330,20 @@ def test_import_stays_light():
     code = "import sys, perturbdiff_scvi.baselines; print('scvi' in sys.modules or 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_linear_baseline_adds_components_of_an_unseen_combination(adata):
+    # "A+B" never occurs: with combination_delimiter its effect is effect(A) + effect(B).
+    keys = {**KEYS, "combination_delimiter": "+"}
+    combo = linear_baseline(adata, "A+B", "c2", **keys, ridge=0.0).uns["baseline"]["effect"]
+    a = linear_baseline(adata, "A", "c2", **KEYS, ridge=0.0).uns["baseline"]["effect"]
+    b = linear_baseline(adata, "B", "c2", **KEYS, ridge=0.0).uns["baseline"]["effect"]
+    # The A fit leaves out (A, c2), the combination fit keeps it, so allow the estimation noise.
+    np.testing.assert_allclose(combo, a + b, atol=0.1)
+    # Only the components in a combination: "B+A" is the same prediction.
+    swapped = linear_baseline(adata, "B+A", "c2", **keys, ridge=0.0, seed=5)
+    np.testing.assert_array_equal(swapped.X, linear_baseline(adata, "A+B", "c2", **keys, ridge=0.0, seed=5).X)
+    with pytest.raises(ValueError, match=r"component\(s\) \['Z'\] have no training cells"):
+        linear_baseline(adata, "A+Z", "c2", **keys)
+    with pytest.raises(ValueError, match="Unknown perturbation 'A\\+B'"):
+        linear_baseline(adata, "A+B", "c2", **KEYS)

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from .._combinations import check_delimiter, split_combination
 from ._common import (
     BaselineInput,
     categorical,
@@ -319,6 +320,7 @@ def linear_baseline(
     n_cells: int | None = None,
     seed: int | None = 0,
     ridge: float = _RIDGE,
+    combination_delimiter: str | None = None,
 ) -> AnnData:
     r"""Additive linear model of pseudobulks (ridge), applied to control cells of the context.
 
@@ -335,7 +337,10 @@ def linear_baseline(
               = (D^\top D + \lambda P)^{-1} D^\top Y, \qquad P = \mathrm{diag}(0, 1, \dots, 1)
 
     where :math:`D` holds one row per pseudobulk (groups weighted equally, whatever their size) and
-    :math:`\lambda` = ``ridge``. The prediction is
+    :math:`\lambda` = ``ridge``. With ``combination_delimiter`` the perturbation indicators are those of
+    the components (``"A+B"`` sets the columns of ``A`` and ``B``), so :math:`\delta_{A+B} = \delta_A +
+    \delta_B`: the additive model of combinations (GEARS' and CPA's "additive" baseline), which also
+    predicts a combination, or a single perturbation, seen only inside other combinations. The prediction is
 
     .. math:: \hat x_i = \max\!\left(0,\; x^{\mathrm{ctrl}, c}_{j_i} + \hat y_{p, c} - \hat y_{\mathrm{ctrl}, c}\right)
               = \max\!\left(0,\; x^{\mathrm{ctrl}, c}_{j_i} + \hat\delta_p\right)
@@ -352,6 +357,9 @@ def linear_baseline(
         well-posed (the one-hot contexts are collinear with the intercept); it shrinks an effect seen in
         :math:`k` pseudobulks by roughly a factor :math:`k / (k + \lambda)`. 0 gives the minimum-norm
         least-squares fit.
+    combination_delimiter
+        Split perturbation labels into components on this string (e.g. ``"+"``), as
+        :meth:`~perturbdiff_scvi.PerturbDiff.setup_anndata` does; ``None`` = one indicator per label.
 
     Returns
     -------
@@ -388,7 +396,9 @@ def linear_baseline(
         n_cells=n_cells,
         seed=seed,
     )
-    data.seen_perturbation()
+    check_delimiter(combination_delimiter)
+    if combination_delimiter is None:
+        data.seen_perturbation()
     train = data.train
     pert_values = pd.Series(data.pert[train], dtype=object)
     ctx_values = pd.Series(data.ctx[train] if data.ctx is not None else np.zeros(train.sum()), dtype=object)
@@ -401,23 +411,32 @@ def linear_baseline(
     codes[np.flatnonzero(train)[valid]] = group_codes
     y = group_means(data.x, codes, len(groups))
 
-    # Design: intercept | one-hot context | one-hot non-control perturbation.
-    effect_levels = [i for i, v in enumerate(pert_levels) if v != control_value]
+    # Design: intercept | one-hot context | indicators of the non-control perturbations (or components).
+    def components(label) -> tuple:
+        if combination_delimiter is None:
+            return () if label == control_value else (label,)
+        return split_combination(label, combination_delimiter, control_value, perturbation_key)
+
+    parts = [components(v) for v in pert_levels]
+    effect_names = sorted({c for p in parts for c in p}, key=str)
     n_ctx = len(ctx_levels)
-    design = np.zeros((len(groups), 1 + n_ctx + len(effect_levels)))
+    design = np.zeros((len(groups), 1 + n_ctx + len(effect_names)))
     design[:, 0] = 1.0
     design[np.arange(len(groups)), 1 + groups % n_ctx] = 1.0
-    col = {lvl: 1 + n_ctx + k for k, lvl in enumerate(effect_levels)}
+    col = {name: 1 + n_ctx + k for k, name in enumerate(effect_names)}
     for row, g in enumerate(groups):
-        lvl = g // n_ctx
-        if lvl in col:
-            design[row, col[lvl]] = 1.0
+        design[row, [col[c] for c in parts[g // n_ctx]]] = 1.0
+    target = components(perturbation)
+    if missing := [c for c in target if c not in col]:
+        raise ValueError(
+            f"Cannot predict {perturbation!r}: component(s) {missing} have no training cells in "
+            f"{perturbation_key!r}, so the linear model has no effect for them."
+        )
     penalty = np.sqrt(float(ridge)) * np.eye(design.shape[1])[1:]
     augmented = np.vstack([design, penalty])
-    target = np.vstack([y, np.zeros((penalty.shape[0], y.shape[1]))])
-    coef = np.linalg.lstsq(augmented, target, rcond=None)[0]
-    target_level = next(i for i, v in enumerate(pert_levels) if v == perturbation)
-    effect = coef[col[target_level]]
+    stacked = np.vstack([y, np.zeros((penalty.shape[0], y.shape[1]))])
+    coef = np.linalg.lstsq(augmented, stacked, rcond=None)[0]
+    effect = coef[[col[c] for c in target]].sum(axis=0)
 
     source = data.draw_controls(data.rng())
     x = np.maximum(dense_rows(data.x, source) + effect, 0.0)

@@ -11,7 +11,7 @@ import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -26,6 +26,7 @@ from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 from scvi.utils import setup_anndata_dsp
 
+from .._combinations import PerturbationVocabulary, check_delimiter, check_labels
 from .._compat import devices_dsp
 from .._constants import PDIFF_KEYS
 from ..data import SetDataSplitter, control_pool, registered_codes
@@ -157,11 +158,13 @@ class PerturbDiff(BaseModelClass):
         if (2 * n_hidden) % n_heads:
             raise ValueError(f"2 * n_hidden ({2 * n_hidden}) must be divisible by n_heads ({n_heads}).")
         ss = self.summary_stats
+        vocab = self._vocabulary
         self.module = self._module_cls(
             n_genes=ss.n_vars,
-            n_perturbations=ss[f"n_{PDIFF_KEYS.PERT_KEY}"],
+            n_perturbations=ss[f"n_{PDIFF_KEYS.PERT_KEY}"] if vocab is None else len(vocab.components),
             n_contexts=ss[f"n_{PDIFF_KEYS.CONTEXT_KEY}"],
             n_batches=ss[f"n_{PDIFF_KEYS.BATCH_KEY}"],
+            perturbation_components=None if vocab is None else torch.from_numpy(vocab.matrix),
             set_size=set_size,
             n_hidden=n_hidden,
             depth=depth,
@@ -183,6 +186,7 @@ class PerturbDiff(BaseModelClass):
         self._model_summary_string = (
             f"PerturbDiff: {ss.n_vars} genes, set_size={set_size}, n_hidden={n_hidden}, depth={depth}, "
             f"n_heads={n_heads}, T={n_timesteps}, {n_params / 1e6:.2f}M parameters"
+            + ("" if vocab is None else f", {len(vocab.components)} perturbation components")
         )
         self.init_params_ = self._get_init_params(locals())
 
@@ -197,6 +201,8 @@ class PerturbDiff(BaseModelClass):
         context_key: str | None = None,
         batch_key: str | None = None,
         layer: str | None = None,
+        *,
+        combination_delimiter: str | None = None,
         **kwargs,
     ) -> None:
         """%(summary)s.
@@ -221,11 +227,19 @@ class PerturbDiff(BaseModelClass):
         batch_key
             Column of ``adata.obs`` with the batch / donor / plate; ``None`` = one batch.
         %(param_layer)s
+        combination_delimiter
+            Set to e.g. ``"+"`` when ``perturbation_key`` holds combinations such as ``"KLF1+MAP2K6"``: each
+            label is then split into components, and a perturbation is embedded as the sum of its
+            components' embeddings (the control has none). This lets ``predict_population`` generate a
+            combination never measured, from components seen in training (alone or in other combinations).
+            ``None`` (default): one embedding per label, as in the released model.
 
         Examples
         --------
         >>> PerturbDiff.setup_anndata(adata, perturbation_key="condition", control_value="control",
         ...                           context_key="cell_type")
+        >>> PerturbDiff.setup_anndata(norman, perturbation_key="perturbation", control_value="control",
+        ...                           combination_delimiter="+")
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         if not isinstance(adata, AnnData):
@@ -241,6 +255,7 @@ class PerturbDiff(BaseModelClass):
             batch_key,
             expression_matrix(adata, layer),
             "adata.X" if layer is None else f"adata.layers[{layer!r}]",
+            combination_delimiter,
         )
         fields = [
             LayerField(PDIFF_KEYS.X_KEY, layer, is_count_data=False),
@@ -263,6 +278,8 @@ class PerturbDiff(BaseModelClass):
         context_key: str | None = None,
         batch_key: str | None = None,
         modalities: dict[str, str] | None = None,
+        *,
+        combination_delimiter: str | None = None,
         **kwargs,
     ) -> None:
         """Register a MuData whose RNA modality is modelled.
@@ -276,7 +293,7 @@ class PerturbDiff(BaseModelClass):
             MuData object.
         rna_layer
             Layer of the RNA modality with log-normalised expression; ``None`` = its ``X``.
-        perturbation_key, control_value, context_key, batch_key
+        perturbation_key, control_value, context_key, batch_key, combination_delimiter
             As in :meth:`setup_anndata`.
         modalities
             ``{"rna_layer": <name of the RNA modality>}`` (scvi-tools' convention; ``{"rna": <name>}`` is accepted
@@ -333,6 +350,7 @@ class PerturbDiff(BaseModelClass):
             batch_key,
             expression_matrix(rna, rna_layer),
             where,
+            combination_delimiter,
         )
         fields = [
             MuDataLayerField(PDIFF_KEYS.X_KEY, rna_layer, mod_key=rna_mod, is_count_data=False, mod_required=True),
@@ -356,6 +374,14 @@ class PerturbDiff(BaseModelClass):
             "control value",
             self.get_setup_arg("perturbation_key"),
         )
+
+    @property
+    def _vocabulary(self) -> PerturbationVocabulary | None:
+        """Components of the perturbation labels, when set up with ``combination_delimiter``."""
+        delimiter = self._setup_arg("combination_delimiter")
+        if delimiter is None:
+            return None
+        return PerturbationVocabulary(self._mapping(PDIFF_KEYS.PERT_KEY), delimiter, self._setup_arg("control_value"))
 
     @property
     def var_names(self) -> pd.Index:
@@ -629,7 +655,8 @@ class PerturbDiff(BaseModelClass):
         Parameters
         ----------
         perturbations
-            Perturbation value(s) of ``perturbation_key``.
+            Perturbation value(s) of ``perturbation_key``. With ``combination_delimiter`` set at setup, also
+            combinations never measured (e.g. ``"KLF1+MAP2K6"``) whose components occur in the training cells.
         contexts
             Context value(s); ``None`` = every context of the training data.
         batches
@@ -675,7 +702,7 @@ class PerturbDiff(BaseModelClass):
         perturbations = _as_list(perturbations, "perturbations")
         pert_key, ctx_key, batch_key = (self._setup_arg(k) for k in ("perturbation_key", "context_key", "batch_key"))
         pert_codes, ctx_codes, batch_codes = registered_codes(self.adata_manager)
-        p_ids = [self._seen_code(PDIFF_KEYS.PERT_KEY, v, pert_codes, "perturbation", pert_key) for v in perturbations]
+        perts = [self._perturbation(v, pert_codes, pert_key) for v in perturbations]
         if contexts is None:
             c_ids = np.unique(ctx_codes).tolist()
         else:
@@ -697,13 +724,13 @@ class PerturbDiff(BaseModelClass):
 
         # Plan every set: (condition index, population, control rows).
         conditions, jobs = [], []
-        for p in p_ids:
+        for label, pert, code in perts:
             for c in c_ids:
                 for b in source.batches_for(c, b_req):
                     pool = source.pool(c, b)
-                    observed = int(np.sum((pert_codes == p) & (ctx_codes == c) & (batch_codes == b)))
+                    observed = int(np.sum((pert_codes == code) & (ctx_codes == c) & (batch_codes == b)))
                     n = n_cells or observed or len(pool)
-                    conditions.append((p, c, b, n))
+                    conditions.append(_Condition(label, pert, code, c, b, n))
                     for pop in range(n_populations):
                         for _ in range(math.ceil(n / self.module.set_size)):
                             jobs.append((len(conditions) - 1, pop, rng.choice(len(pool), self.module.set_size)))
@@ -729,6 +756,22 @@ class PerturbDiff(BaseModelClass):
             },
         )
 
+    def _perturbation(self, value, codes: np.ndarray, obs_key: str) -> tuple[str, object, int]:
+        """``(label, what the module embeds, registered code or -1)`` of a requested perturbation.
+
+        Without ``combination_delimiter`` the module embeds the registered code; with it, the component
+        codes, which also exist for a combination that was never registered.
+        """
+        vocab = self._vocabulary
+        if vocab is None:
+            code = self._seen_code(PDIFF_KEYS.PERT_KEY, value, codes, "perturbation", obs_key)
+            return self._mapping(PDIFF_KEYS.PERT_KEY)[code], code, code
+        mapping = [str(v) for v in self._mapping(PDIFF_KEYS.PERT_KEY)]
+        code = mapping.index(str(value)) if str(value) in mapping else -1
+        if code >= 0 and np.any(codes == code):
+            return self._mapping(PDIFF_KEYS.PERT_KEY)[code], vocab.matrix[code][vocab.matrix[code] >= 0], code
+        return str(value), vocab.codes(value, vocab.seen_components(codes), obs_key), code
+
     def _seen_code(self, key: str, value, codes: np.ndarray, what: str, obs_key: str | None) -> int:
         code = find_category(self._mapping(key), value, what, str(obs_key))
         if not np.any(codes == code):
@@ -748,11 +791,15 @@ class PerturbDiff(BaseModelClass):
         chunks = range(0, len(jobs), batch_size)
         for start in track(chunks, description="Sampling sets", disable=len(chunks) < 2):
             chunk = jobs[start : start + batch_size]
-            x_ctrl = np.stack([source.rows(*conditions[ci][1:3], idx) for ci, _, idx in chunk])  # (B, S, G)
-            codes = [torch.tensor([conditions[ci][k] for ci, _, _ in chunk]) for k in range(3)]
+            conds = [conditions[ci] for ci, _, _ in chunk]
+            x_ctrl = np.stack(
+                [source.rows(cond.ctx, cond.batch, job[2]) for cond, job in zip(conds, chunk, strict=True)]
+            )
             x = self.module.sample(
-                torch.from_numpy(x_ctrl),
-                *codes,
+                torch.from_numpy(x_ctrl),  # (B, S, G)
+                _perturbation_tensor([cond.pert for cond in conds]),
+                torch.tensor([cond.ctx for cond in conds]),
+                torch.tensor([cond.batch for cond in conds]),
                 n_steps=n_steps,
                 sampler=sampler,
                 guidance_scale=guidance_scale,
@@ -767,15 +814,21 @@ class PerturbDiff(BaseModelClass):
         for (ci, pop, _), x in zip(jobs, cells, strict=True):
             by_pop.setdefault((ci, pop), []).append(x)
         blocks, meta = [], {"pert": [], "ctx": [], "batch": [], "population": []}
-        for ci, (p, c, b, n) in enumerate(conditions):
+        for ci, cond in enumerate(conditions):
             for pop in range(n_populations):
-                x = np.concatenate(by_pop[(ci, pop)])[:n]
+                x = np.concatenate(by_pop[(ci, pop)])[: cond.n]
                 blocks.append(x)
-                for name, value in (("pert", p), ("ctx", c), ("batch", b), ("population", pop)):
-                    meta[name].extend([value] * n)
+                values = {"pert": ci, "ctx": cond.ctx, "batch": cond.batch, "population": pop}
+                for name, value in values.items():
+                    meta[name].extend([value] * cond.n)
         obs = pd.DataFrame(index=[f"perturbdiff_{i}" for i in range(len(meta["population"]))])
+        # Registered labels keep their registry order; combinations never registered follow as requested.
+        order = sorted(range(len(conditions)), key=lambda i: (conditions[i].code < 0, conditions[i].code, i))
+        labels = list(dict.fromkeys(conditions[i].label for i in order))  # keeps the user's value types
+        obs[pert_key] = pd.Categorical.from_codes(
+            [labels.index(conditions[i].label) for i in meta["pert"]], categories=labels
+        )
         for key, reg, codes in (
-            (pert_key, PDIFF_KEYS.PERT_KEY, meta["pert"]),
             (ctx_key, PDIFF_KEYS.CONTEXT_KEY, meta["ctx"]),
             (batch_key, PDIFF_KEYS.BATCH_KEY, meta["batch"]),
         ):
@@ -789,6 +842,27 @@ class PerturbDiff(BaseModelClass):
         out = AnnData(X=np.concatenate(blocks).astype(np.float32), obs=obs, var=var)
         out.uns["perturbdiff"] = uns
         return out
+
+
+class _Condition(NamedTuple):
+    """One requested (perturbation, context, batch) population."""
+
+    label: str  # perturbation label in the output
+    pert: object  # what the module embeds: a registered code, or component codes (combinatorial)
+    code: int  # registered perturbation code, -1 for a combination never registered
+    ctx: int
+    batch: int
+    n: int  # cells per population
+
+
+def _perturbation_tensor(perts: list) -> torch.Tensor:
+    """``(B,)`` registered codes, or ``(B, K)`` component codes padded with -1."""
+    if not isinstance(perts[0], np.ndarray):
+        return torch.tensor(perts)
+    out = torch.full((len(perts), max(1, max(len(p) for p in perts))), -1, dtype=torch.long)
+    for i, p in enumerate(perts):
+        out[i, : len(p)] = torch.from_numpy(p)
+    return out
 
 
 class _ControlSource:
@@ -914,7 +988,15 @@ def _check_same_genes(adata, saved_genes) -> None:
 
 
 def _check_setup_inputs(
-    adata: AnnData, obs: pd.DataFrame, perturbation_key, control_value, context_key, batch_key, matrix, where: str
+    adata: AnnData,
+    obs: pd.DataFrame,
+    perturbation_key,
+    control_value,
+    context_key,
+    batch_key,
+    matrix,
+    where: str,
+    combination_delimiter: str | None = None,
 ) -> None:
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
@@ -937,6 +1019,8 @@ def _check_setup_inputs(
             f"Every cell of {perturbation_key!r} is the control {control_value!r}; PerturbDiff needs "
             "perturbed cells to learn from."
         )
+    check_delimiter(combination_delimiter)
+    check_labels(pd.unique(obs[perturbation_key].astype(str)), combination_delimiter, control_value, perturbation_key)
     check_log_normalised(matrix, where)
 
 

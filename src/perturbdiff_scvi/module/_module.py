@@ -24,7 +24,12 @@ class PerturbDiffModule(BaseModuleClass):
     Parameters
     ----------
     n_genes, n_perturbations, n_contexts, n_batches
-        Sizes read from the registered AnnData.
+        Sizes read from the registered AnnData (``n_perturbations`` counts components when
+        ``perturbation_components`` is given).
+    perturbation_components
+        Optional ``(n_labels, K)`` integer tensor: row ``i`` holds the component codes of registered
+        perturbation ``i`` (``-1`` = padding; the control has none). Combinations are then embedded as the
+        sum of their components, so an unseen ``A+B`` can be generated from components seen in training.
     set_size
         Cells per set ``S``.
     n_hidden, depth, n_heads, mlp_ratio, n_cov, n_cov_hidden
@@ -53,6 +58,7 @@ class PerturbDiffModule(BaseModuleClass):
         n_contexts: int,
         n_batches: int,
         *,
+        perturbation_components: torch.Tensor | None = None,
         set_size: int = 64,
         n_hidden: int = 128,
         depth: int = 2,
@@ -93,6 +99,10 @@ class PerturbDiffModule(BaseModuleClass):
             n_cov_hidden=n_cov_hidden,
         )
         self.ema = copy.deepcopy(self.denoiser).requires_grad_(False)
+        if perturbation_components is not None:
+            self.register_buffer("perturbation_components", torch.as_tensor(perturbation_components, dtype=torch.long))
+        else:
+            self.perturbation_components = None
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         self.diffusion = GaussianDiffusion(n_timesteps, beta_schedule)
 
@@ -106,10 +116,13 @@ class PerturbDiffModule(BaseModuleClass):
         def code(key: str) -> torch.Tensor:
             return tensors[key].reshape(b, 2, self.set_size)[:, 0, 0].long()
 
+        pert = code(PDIFF_KEYS.PERT_KEY)
+        if self.perturbation_components is not None:
+            pert = self.perturbation_components.to(pert.device)[pert]  # (B, K) component codes
         return {
             "x0": x[:, 0],
             "x_ctrl": x[:, 1],
-            "pert": code(PDIFF_KEYS.PERT_KEY),
+            "pert": pert,
             "ctx": code(PDIFF_KEYS.CONTEXT_KEY),
             "batch": code(PDIFF_KEYS.BATCH_KEY),
         }
@@ -196,11 +209,17 @@ class PerturbDiffModule(BaseModuleClass):
         generator: torch.Generator | None = None,
         use_ema: bool = True,
     ) -> torch.Tensor:
-        """Generate perturbed sets ``(B, S, G)`` (expression scale) for controls ``x_ctrl`` ``(B, S, G)``."""
+        """Generate perturbed sets ``(B, S, G)`` (expression scale) for controls ``x_ctrl`` ``(B, S, G)``.
+
+        ``pert`` holds registered perturbation codes ``(B,)`` or, with combinatorial perturbations,
+        component codes ``(B, K)`` (``-1`` = padding), which also reach combinations never trained on.
+        """
         net = self.ema if use_ema else self.denoiser
         device = next(net.parameters()).device
         x_ctrl = x_ctrl.to(device) / self.input_scale
         pert, ctx, batch = pert.to(device), ctx.to(device), batch.to(device)
+        if self.perturbation_components is not None and pert.dim() == 1:
+            pert = self.perturbation_components[pert]
         keep = torch.zeros(x_ctrl.shape[0], dtype=torch.bool, device=device)
 
         def denoise(x_t, t, self_cond, drop: bool):

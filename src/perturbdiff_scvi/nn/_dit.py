@@ -51,6 +51,8 @@ class CovariateEmbedder(nn.Module):
     Each branch is an ``nn.Embedding`` to ``n_cov`` dims; the three are concatenated, projected to
     ``n_cov_hidden`` (the released code uses the gene count here), then SiLU and a Linear to ``H``.
     ``drop`` replaces the whole embedding by a learned null embedding (classifier-free guidance).
+    ``pert`` may also be ``(B, K)``: the codes of a combination's components (``-1`` = padding), whose
+    embeddings are summed, so ``A+B`` is embedded as ``e_A + e_B`` and the control (no component) as 0.
     """
 
     def __init__(
@@ -67,11 +69,17 @@ class CovariateEmbedder(nn.Module):
     def forward(
         self, pert: torch.Tensor, ctx: torch.Tensor, batch: torch.Tensor, drop: torch.Tensor | None = None
     ) -> torch.Tensor:  # codes (B,) -> (B, H)
-        cov = torch.cat([self.perturbation(pert), self.context(ctx), self.batch(batch)], dim=-1)
+        cov = torch.cat([self.embed_perturbation(pert), self.context(ctx), self.batch(batch)], dim=-1)
         emb = self.to_hidden(self.project(cov))
         if drop is not None:
             emb = torch.where(drop[:, None], self.null.expand_as(emb), emb)
         return emb
+
+    def embed_perturbation(self, pert: torch.Tensor) -> torch.Tensor:  # (B,) or (B, K) -> (B, n_cov)
+        if pert.dim() == 1:
+            return self.perturbation(pert)
+        present = (pert >= 0).unsqueeze(-1)
+        return (self.perturbation(pert.clamp(min=0)) * present).sum(dim=1)
 
 
 #################################################################################
@@ -179,7 +187,7 @@ class SetDiT(nn.Module):
     n_genes
         Genes per cell ``G`` (one token per cell).
     n_perturbations, n_contexts, n_batches
-        Number of categories of each covariate.
+        Number of categories of each covariate (for combinatorial perturbations: of components).
     n_hidden
         Token width ``H`` (the joint attention runs at ``2H``).
     depth
@@ -253,8 +261,9 @@ class SetDiT(nn.Module):
     ) -> torch.Tensor:
         """Predict ``x0`` of shape ``(B, S, G)`` from ``x_t`` ``(B, S, G)`` and controls ``(B, S, G)``.
 
-        ``t``, ``pert``, ``ctx``, ``batch`` are ``(B,)`` integer tensors; ``drop_cond`` ``(B,)`` bool
-        replaces the covariates of those sets by the null embedding.
+        ``t``, ``pert``, ``ctx``, ``batch`` are ``(B,)`` integer tensors (``pert`` may be ``(B, K)`` component
+        codes, see :class:`CovariateEmbedder`); ``drop_cond`` ``(B,)`` bool replaces the covariates of those
+        sets by the null embedding.
         """
         if self_cond is None:
             self_cond = torch.zeros_like(x_t)

@@ -252,3 +252,4 @@ def test_paper_config_builds(setup_adata):
     model = PerturbDiff(setup_adata, **{**PAPER_CONFIG, "depth": 1})
     assert model.module.set_size == 256
     assert model.module.denoiser.blocks[0].attn.n_heads == 8
+    assert model.module.p_drop_cond == 0.5 and model.module.input_scale == 10.0  # the released settings

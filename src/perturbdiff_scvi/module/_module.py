@@ -71,7 +71,7 @@ class PerturbDiffModule(BaseModuleClass):
         input_scale: float = 1.0,
         energy_weight: float = 1.0,
         mse_weight: float = 1.0,
-        p_drop_cond: float = 0.5,
+        p_drop_cond: float = 0.2,
         p_self_cond: float = 0.5,
         ema_decay: float = 0.99,
         ema_every: int = 1,

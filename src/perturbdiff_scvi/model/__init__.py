@@ -1,6 +1,6 @@
 """The user-facing model and its training plan."""
 
-from ._model import DEFAULT_MAX_STEPS, PAPER_CONFIG, PerturbDiff
+from ._model import DEFAULT_GUIDANCE_SCALE, DEFAULT_MAX_STEPS, PAPER_CONFIG, PerturbDiff
 from ._training_plan import DiffusionTrainingPlan
 
-__all__ = ["DEFAULT_MAX_STEPS", "PAPER_CONFIG", "DiffusionTrainingPlan", "PerturbDiff"]
+__all__ = ["DEFAULT_GUIDANCE_SCALE", "DEFAULT_MAX_STEPS", "PAPER_CONFIG", "DiffusionTrainingPlan", "PerturbDiff"]

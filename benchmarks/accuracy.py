@@ -448,7 +448,8 @@ def main(argv=None) -> None:
                 real_deltas.update(fold_real)
                 run["conditions"][task].update(facts)
                 secs = next(iter(facts.values()))["fold_seconds"]
-                print(f"[norman] fold {payload[0]}: held out {list(payload[2])}, {secs:.1f} s", flush=True)
+                fold, _, reals, _ = payload
+                print(f"[norman] fold {fold}: held out {list(reals)}, {secs:.1f} s", flush=True)
                 continue
             ct = payload[0]
             table, deltas[ct], real_deltas[ct], facts = out

@@ -771,7 +771,9 @@ class PerturbDiff(BaseModelClass):
             )
             cells = _subtract_control_bias(jobs, conditions, cells, regenerated, source)
         if zero_threshold is not None:
-            cells = [np.where(x < zero_threshold, 0.0, x) for x in cells]
+            from ..metrics._sparsity import zero_small_values  # lazy: keeps the metrics package off import
+
+            cells = [zero_small_values(x, zero_threshold) for x in cells]
         return self._assemble(
             conditions,
             jobs,

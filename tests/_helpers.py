@@ -9,7 +9,7 @@ from scipy import sparse
 
 # Sizes that keep a whole train -> predict -> save -> load cycle to a few seconds on 2 CPU cores.
 TINY = {"set_size": 8, "n_hidden": 16, "depth": 1, "n_heads": 2, "n_cov": 8, "n_timesteps": 100}
-TINY_TRAIN = {"max_steps": 6, "batch_size": 4, "enable_progress_bar": False, "accelerator": "cpu"}
+TINY_TRAIN = {"max_steps": 6, "sets_per_batch": 4, "enable_progress_bar": False, "accelerator": "cpu"}
 
 
 def make_perturbation_adata(n_cells: int = 240, n_genes: int = 30, seed: int = 0, sparse_x: bool = True) -> AnnData:

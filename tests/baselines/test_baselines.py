@@ -285,7 +285,7 @@ def test_common_errors(fn, adata):
         fn(adata, "ctrl", "c2", **KEYS)
     with pytest.raises(ValueError, match="not a column of adata.obs"):
         fn(adata, "A", "c2", **{**KEYS, "batch_key": "donor"})
-    with pytest.raises(ValueError, match="not in adata.layers"):
+    with pytest.raises(ValueError, match="not found in adata.layers"):
         fn(adata, "A", "c2", **KEYS, layer="counts")
     with pytest.raises(ValueError, match="n_cells must be a positive integer"):
         fn(adata, "A", "c2", **KEYS, n_cells=0)

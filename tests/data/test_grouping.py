@@ -87,9 +87,9 @@ def test_fallback_order(controls, level, pool):
 
 def test_no_controls_raises():
     pert, ctx, batch = np.array([1, 2, 3]), np.array([0, 0, 1]), np.array([0, 1, 1])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="There are no control cells at all"):
         group_cells(pert, ctx, batch, CONTROL)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="There are no control cells at all"):
         control_pool(pert, ctx, batch, CONTROL, 0, 0)
 
 
@@ -183,15 +183,15 @@ def test_split_is_seeded():
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "match"),
     [
-        {"validation_size": 1.0},
-        {"validation_size": -0.1},
-        {"validation_size": 0.2, "split": "bogus"},
+        ({"validation_size": 1.0}, r"validation_size must be in \[0, 1\); got 1\.0"),
+        ({"validation_size": -0.1}, r"validation_size must be in \[0, 1\); got -0\.1"),
+        ({"validation_size": 0.2, "split": "bogus"}, r"split must be 'set', 'cell' or 'group'; got 'bogus'"),
     ],
 )
-def test_split_invalid_arguments(kwargs):
+def test_split_invalid_arguments(kwargs, match):
     pert, ctx, batch = _codes()
     groups = group_cells(pert, ctx, batch, CONTROL)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=match):
         split_groups(groups, rng=np.random.default_rng(0), **kwargs)

@@ -115,7 +115,7 @@ def test_fixed_replays_and_unfixed_changes():
 @pytest.mark.parametrize("set_size,sets_per_batch", [(0, 1), (4, 0), (-1, 2)])
 def test_invalid_sizes(set_size, sets_per_batch):
     groups = group_cells(*_codes(), CONTROL)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=rf"must be >= 1; got {set_size} and {sets_per_batch}\."):
         SetBatchSampler(groups, set_size, sets_per_batch)
 
 

@@ -78,12 +78,12 @@ def test_space_timesteps_contains_both_ends(n_timesteps, n_steps):
 
 @pytest.mark.parametrize("n_steps", [0, 1001, -3])
 def test_space_timesteps_invalid(n_steps):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=rf"n_steps must be between 1 and .* \(1000\); got {n_steps}\."):
         space_timesteps(1000, n_steps)
 
 
 def test_unknown_schedule_name():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Unknown beta schedule 'bogus'; choose 'linear' or 'cosine'"):
         get_named_beta_schedule("bogus", 1000)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Unknown beta schedule 'bogus'"):
         GaussianDiffusion(10, "bogus")

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from scipy import sparse
 from scipy.spatial.distance import cdist
+from sklearn import decomposition
+from sklearn.metrics import pairwise
 
 from perturbdiff_scvi.metrics import (
     DEFAULT_MMD_GAMMAS,
@@ -36,6 +38,20 @@ def test_e_distance_matches_cdist_formula(sets):
     assert e_distance(sparse.csr_matrix(x), y) == pytest.approx(ref, rel=1e-12)
 
 
+def test_energy_distance_chunks_and_validation(sets):
+    x, y = sets
+    ref = energy_distance(x, y)
+    for chunk in (1, 7, 40, 10_000):
+        assert energy_distance(x, y, chunk=chunk) == pytest.approx(ref, rel=1e-13)
+    assert energy_distance(x, x[::-1]) == pytest.approx(0.0, abs=1e-12)  # a set, order-free
+    assert energy_distance(x, y) == pytest.approx(energy_distance(y, x), rel=1e-13)
+    for bad in (y[:, :3], y[:0], y[0]):
+        with pytest.raises(ValueError):
+            energy_distance(x, bad)
+    with pytest.raises(ValueError):
+        energy_distance(x, y, chunk=0)
+
+
 def _mmd_ref(x, y, gammas):
     vals = []
     for g in gammas:
@@ -59,7 +75,6 @@ def test_mmd_rbf_matches_direct_formula(sets):
 
 
 def test_mmd_rbf_matches_sklearn_rbf_kernel(sets):
-    pairwise = pytest.importorskip("sklearn.metrics.pairwise")
     x, y = sets
     g = 0.5
     ref = (
@@ -93,12 +108,23 @@ def test_fit_pca_matches_svd_and_projects():
 
 
 def test_fit_pca_matches_sklearn_up_to_sign():
-    decomposition = pytest.importorskip("sklearn.decomposition")
     x = _low_rank_data(seed=1)
     ours = fit_pca(x, n_comps=4)(x)
     ref = decomposition.PCA(n_components=4, svd_solver="full").fit_transform(x)
     signs = np.sign((ours * ref).sum(0))
     np.testing.assert_allclose(ours, ref * signs, atol=1e-8)
+
+
+@pytest.mark.parametrize("solver", ["full", "randomized"])
+def test_fit_pca_sign_convention_is_deterministic(solver):
+    x = _low_rank_data(seed=3, n=150, p=30)
+    pca = fit_pca(x, n_comps=5, svd_solver=solver)
+    top = pca.components_[np.arange(5), np.argmax(np.abs(pca.components_), axis=1)]
+    assert (top > 0).all()  # the largest-magnitude loading of every axis is positive
+    np.testing.assert_allclose(pca.components_ @ pca.components_.T, np.eye(5), atol=1e-10)
+    np.testing.assert_array_equal(fit_pca(x, n_comps=5, svd_solver=solver).components_, pca.components_)
+    with pytest.raises(ValueError):
+        fit_pca(x, svd_solver="arpack")
 
 
 def test_fit_pca_randomized_is_seeded_and_accurate():

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from scipy import sparse
 from scipy.stats import pearsonr, spearmanr
+from sklearn import metrics as skm
 
 from perturbdiff_scvi.metrics import (
     baseline_normalized_score,
@@ -50,7 +51,6 @@ def test_mae_mse_match_numpy(cells):
 
 
 def test_r2_mean_matches_sklearn(cells):
-    skm = pytest.importorskip("sklearn.metrics")
     pred, real, ctrl = cells
     assert r2_mean(pred, real) == pytest.approx(skm.r2_score(real.mean(0), pred.mean(0)))
     assert r2_mean(ctrl, real) == pytest.approx(skm.r2_score(real.mean(0), ctrl.mean(0)))
@@ -133,6 +133,11 @@ def test_discrimination_handmade_ranks_and_target_gene_exclusion():
     assert discrimination_score(pred3, real, gene_names=genes)["A"] == pytest.approx(1 - 1 / 3)  # B is nearer
     with pytest.raises(KeyError):
         discrimination_score({"Z": np.zeros(3)}, real)
+    # cosine: direction only; a zero vector has similarity 0 (distance 1) to everything
+    real_c = {"A": np.array([1.0, 0.0, 0.0]), "B": np.array([0.0, 1.0, 0.0]), "Z": np.zeros(3)}
+    pred_c = {"A": np.array([10.0, 1.0, 0.0]), "B": np.array([1.0, 10.0, 0.0]), "Z": np.array([1.0, 1.0, 0.0])}
+    # Z: d_A = d_B = 1 - 1/sqrt(2) < d_Z = 1 -> rank 2 of 3
+    assert discrimination_score(pred_c, real_c, metric="cosine") == pytest.approx({"A": 1.0, "B": 1.0, "Z": 1 / 3})
     with pytest.raises(ValueError):
         discrimination_score(pred, real, metric="l3")
 
@@ -175,7 +180,6 @@ def test_overlap_uses_abs_lfc_and_infinite_fold_changes_crowd_out():
 
 
 def test_auc_matches_sklearn():
-    skm = pytest.importorskip("sklearn.metrics")
     rng = np.random.default_rng(5)
     n = 300
     feats = [f"g{i}" for i in range(n)]
@@ -189,6 +193,25 @@ def test_auc_matches_sklearn():
     fpr, tpr, _ = skm.roc_curve(labels, scores)
     assert m["roc_auc"] == pytest.approx(skm.auc(fpr, tpr))
     assert m["pr_auc"] == pytest.approx(skm.average_precision_score(labels, scores))
+    # hand definitions: ROC AUC = P(s_pos > s_neg) + P(tie) / 2; AP = sum_n (R_n - R_{n-1}) P_n
+    pos, neg = scores[labels][:, None], scores[~labels][None, :]
+    assert m["roc_auc"] == pytest.approx(np.mean((pos > neg) + 0.5 * (pos == neg)), rel=1e-12)
+    thresholds = np.unique(scores)[::-1]
+    tp = np.array([(labels & (scores >= t)).sum() for t in thresholds])
+    called = np.array([(scores >= t).sum() for t in thresholds])
+    ap = np.sum(np.diff(np.r_[0.0, tp / labels.sum()]) * tp / called)
+    assert m["pr_auc"] == pytest.approx(ap, rel=1e-12)
+
+
+def test_spearman_constant_or_single_gene_is_nan():
+    feats = list("abcd")
+    real = _de(feats, [1.0, 2.0, -3.0, 4.0], [0.01, 0.01, 0.01, 0.5])
+    assert np.isnan(de_metrics(real, _de(feats, [1.0, 1.0, 1.0, 1.0], [0.01] * 4))["de_spearman_lfc_sig"])
+    one = _de(feats, [1.0, 2.0, -3.0, 4.0], [0.01, 0.5, 0.5, 0.5])
+    assert np.isnan(de_metrics(one, real)["de_spearman_lfc_sig"])
+    # ±inf rank at the ends
+    m = de_metrics(real, _de(feats, [0.5, np.inf, -np.inf, 0.0], [0.01] * 4))
+    assert m["de_spearman_lfc_sig"] == pytest.approx(1.0)
 
 
 def test_no_significant_genes_gives_nan_or_cell_eval_zero():

@@ -59,7 +59,7 @@ def test_unseen_combination_is_generated_from_its_components(scvi_module):
     PerturbDiff.setup_anndata(adata, perturbation_key="pert", control_value="ctrl", combination_delimiter="+")
     model = PerturbDiff(adata, **{**TINY, "set_size": 16, "n_hidden": 32, "n_cov": 16})
     assert model.module.perturbation_components.shape == (3, 1)
-    model.train(**{**TINY_TRAIN, "max_steps": 400, "batch_size": 8})
+    model.train(**{**TINY_TRAIN, "max_steps": 400, "sets_per_batch": 8})
     pred = model.predict_population(["A+B", "ctrl"], n_cells=128, seed=0, guidance_scale=0.0)
     assert list(pred.obs["pert"].cat.categories) == ["ctrl", "A+B"]
     x = np.asarray(pred.X)

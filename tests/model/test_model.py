@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from _helpers import TINY, TINY_TRAIN, make_perturbation_adata
 
 
@@ -75,7 +76,7 @@ def test_validation_and_early_stopping(setup_adata):
     model = PerturbDiff(setup_adata, **TINY)
     model.train(
         max_epochs=3,
-        batch_size=4,
+        sets_per_batch=4,
         validation_size=0.3,
         split="cell",
         early_stopping=True,
@@ -250,6 +251,22 @@ def test_paper_config_builds(setup_adata):
     from perturbdiff_scvi import PAPER_CONFIG, PerturbDiff
 
     model = PerturbDiff(setup_adata, **{**PAPER_CONFIG, "depth": 1})
-    assert model.module.set_size == 256
-    assert model.module.denoiser.blocks[0].attn.n_heads == 8
-    assert model.module.p_drop_cond == 0.5 and model.module.input_scale == 10.0  # the released settings
+    module, net = model.module, model.module.denoiser
+    # every PAPER_CONFIG entry reaches the network it configures (not only the constructor's arguments)
+    assert module.set_size == PAPER_CONFIG["set_size"] == 256
+    assert net.x_embed.out_features == PAPER_CONFIG["n_hidden"] == 512
+    assert net.blocks[0].attn.qkv.in_features == 2 * 512  # joint attention at twice the token width
+    assert net.blocks[0].attn.n_heads == PAPER_CONFIG["n_heads"] == 8
+    assert net.cov_embed.perturbation.embedding_dim == PAPER_CONFIG["n_cov"] == 128
+    assert net.cov_embed.project.out_features == setup_adata.n_vars  # n_cov_hidden=None: the gene count
+    assert len(net.blocks) == 1  # overrides win
+    assert module.ema.x_embed.out_features == 512  # the EMA copy has the same shape
+    assert module.p_drop_cond == 0.5 and module.ema_every == 10 and module.input_scale == 10.0
+    # input_scale is applied: sets are divided by 10 for diffusion and multiplied back after sampling
+    with torch.no_grad():
+        module.ema.final.linear.weight.zero_()
+        module.ema.final.linear.bias.fill_(0.25)
+    x_ctrl = torch.ones(1, 256, setup_adata.n_vars)
+    codes = torch.zeros(1, dtype=torch.long)
+    out = module.sample(x_ctrl, codes, codes, codes, n_steps=1, guidance_scale=0.0)
+    torch.testing.assert_close(out, torch.full_like(out, 2.5))

@@ -54,6 +54,23 @@ def test_pairwise_distances_matches_cdist():
         np.testing.assert_allclose(d[b].numpy(), cdist(x[b].numpy(), y[b].numpy()), rtol=1e-9, atol=1e-9)
 
 
+def test_pairwise_distances_zero_distance_has_zero_gradient():
+    x = torch.randn(1, 3, 4, generator=_gen(18), dtype=torch.float64, requires_grad=True)
+    d = pairwise_distances(x, x)
+    torch.testing.assert_close(torch.diagonal(d, dim1=1, dim2=2), torch.full((1, 3), 1e-6, dtype=torch.float64))
+    torch.diagonal(d, dim1=1, dim2=2).sum().backward()  # only the (clamped) self-distances
+    torch.testing.assert_close(x.grad, torch.zeros_like(x))
+
+
+def test_energy_distance_matches_numpy_metric():
+    from perturbdiff_scvi.metrics import energy_distance as energy_distance_np
+
+    x = torch.randn(20, 6, generator=_gen(19), dtype=torch.float64)
+    y = torch.randn(25, 6, generator=_gen(20), dtype=torch.float64) + 0.3
+    # same definition; the torch loss carries the sqrt(eps) floor on the zero self-distances
+    assert float(energy_distance(x, y)) == pytest.approx(energy_distance_np(x.numpy(), y.numpy()), abs=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_energy_distance_self_is_zero(dtype):
     x = torch.randn(2, 7, 5, generator=_gen(8), dtype=dtype) + 4

@@ -55,7 +55,12 @@ def test_forward_unpacks_layout():
     assert inference["drop_cond"].shape == (B,) and inference["drop_cond"].dtype == torch.bool
     assert generative["x0_hat"].shape == (B, S, G)
     assert (generative["x0_hat"] >= 0).all()
-    assert loss is not None
+    # the loss compares the prediction with the perturbed rows (not the control rows) of each set
+    torch.testing.assert_close(
+        loss.reconstruction_loss["reconstruction_loss"],
+        per_set_mse(generative["x0_hat"], x[:, 0] / module.input_scale)
+        + 0.5 * energy_distance(generative["x0_hat"], x[:, 0] / module.input_scale),
+    )
 
 
 @pytest.mark.parametrize("p,expected", [(0.0, False), (1.0, True)])

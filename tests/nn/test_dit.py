@@ -168,7 +168,7 @@ def test_timestep_changes_the_output():
 
 
 def test_heads_must_divide_joint_width():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"2 \* n_hidden \(6\) must be divisible by n_heads \(4\)"):
         SetDiT(G, P, C, NB, n_hidden=3, depth=1, n_heads=4, n_cov=4)  # 2 * 3 = 6 not divisible by 4
 
 

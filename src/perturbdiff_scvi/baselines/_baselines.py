@@ -9,11 +9,11 @@ import pandas as pd
 from anndata import AnnData
 
 from .._combinations import check_delimiter, split_combination
+from .._output import population_adata
+from .._validation import check_distinct_keys, dense_rows, optional_seed
 from ._common import (
     BaselineInput,
     categorical,
-    check_seed,
-    dense_rows,
     fill_doc,
     group_means,
     matrix,
@@ -507,12 +507,11 @@ def half_vs_half_ceiling(
     if perturbation_key is None:
         raise ValueError("perturbation_key is required.")
     named = {"perturbation_key": perturbation_key, "context_key": context_key, "batch_key": batch_key}
+    check_distinct_keys(**named)
     keys = [k for k in named.values() if k is not None]
-    if len(set(keys)) != len(keys) or "population" in keys:
-        raise ValueError(f"perturbation_key, context_key and batch_key must be distinct and not 'population': {keys}.")
     columns = {k: obs_column(real_adata, k, what) for what, k in named.items() if k is not None}
     x = matrix(real_adata, layer)
-    seed = check_seed(seed)
+    seed = optional_seed(seed)
     if real_adata.n_obs == 0:
         raise ValueError("real_adata has no cells.")
     group_keys = [k for k in (perturbation_key, context_key) if k is not None]
@@ -530,14 +529,7 @@ def half_vs_half_ceiling(
     out = []
     for role, prefix, parts in (("prediction", "baseline", halves[0]), ("reference", "reference", halves[1])):
         rows = np.concatenate(parts)
-        obs = pd.DataFrame(index=pd.Index([f"{prefix}_{i}" for i in range(len(rows))]))
-        for k in keys:
-            obs[k] = categorical(columns[k][rows], real_adata.obs[k])
-        obs["population"] = np.zeros(len(rows), dtype=np.int64)
-        ad = AnnData(
-            X=dense_rows(x, rows).astype(np.float32), obs=obs, var=pd.DataFrame(index=real_adata.var_names.copy())
-        )
-        ad.uns["baseline"] = {
+        uns = {
             "name": "half_vs_half_ceiling",
             "role": role,
             "perturbation_key": perturbation_key,
@@ -548,6 +540,15 @@ def half_vs_half_ceiling(
             "seed": "None" if seed is None else int(seed),
             "source_cells": np.asarray(real_adata.obs_names[rows], dtype=str),
         }
+        ad = population_adata(
+            dense_rows(x, rows),
+            obs={k: categorical(columns[k][rows], real_adata.obs[k]) for k in keys},
+            population=np.zeros(len(rows), dtype=np.int64),
+            var_names=real_adata.var_names,
+            name_prefix=prefix,
+            uns_key="baseline",
+            uns=uns,
+        )
         out.append(ad)
     return out[0], out[1]
 

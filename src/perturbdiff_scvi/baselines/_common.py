@@ -1,4 +1,7 @@
-"""Shared plumbing of the baselines: input checks, cell selection, means and the output AnnData."""
+"""Shared plumbing of the baselines: checked inputs (the package's one validation layer), cell selection, means.
+
+The output AnnData is built by :func:`perturbdiff_scvi._output.population_adata`, as for ``predict_population``.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,15 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 from scipy import sparse
+
+from .._output import population_adata
+from .._validation import (
+    check_distinct_keys,
+    check_obs_column,
+    expression_matrix,
+    optional_positive_int,
+    optional_seed,
+)
 
 _COMMON_PARAMS = """adata
         The **training** AnnData (cells x genes, log1p of library-size-normalised values, as the model was
@@ -59,46 +71,17 @@ def _values_hint(col: np.ndarray, limit: int = 20) -> str:
 
 
 def obs_column(adata: AnnData, key: str | None, what: str) -> np.ndarray | None:
+    """The obs column ``key`` as an object array (``None`` for no key), checked by the shared input layer."""
     if key is None:
         return None
-    if not isinstance(key, str):
-        raise TypeError(f"{what} must be a column name (str) or None, got {type(key).__name__}.")
-    if key not in adata.obs.columns:
-        raise ValueError(f"{what}={key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}).")
+    check_obs_column(adata.obs, key, what)
     return adata.obs[key].to_numpy(dtype=object)
 
 
 def matrix(adata: AnnData, layer: str | None):
-    if layer is None:
-        x = adata.X
-        if x is None:
-            raise ValueError("adata.X is None; pass layer= to read expression from adata.layers.")
-    else:
-        if layer not in adata.layers:
-            raise ValueError(f"layer={layer!r} is not in adata.layers (layers: {list(adata.layers.keys())}).")
-        x = adata.layers[layer]
-    if sparse.issparse(x):
-        return sparse.csr_matrix(x)
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"Expression must be a cells x genes matrix, got shape {x.shape}.")
-    return x
-
-
-def check_n_cells(n_cells: int | None) -> int | None:
-    if n_cells is None:
-        return None
-    if isinstance(n_cells, bool) or not isinstance(n_cells, int | np.integer) or n_cells < 1:
-        raise ValueError(f"n_cells must be a positive integer or None, got {n_cells!r}.")
-    return int(n_cells)
-
-
-def check_seed(seed: int | None) -> int | None:
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-        raise ValueError(f"seed must be an integer or None, got {seed!r}.")
-    return int(seed)
+    """Expression of ``adata.X`` / ``layer`` as CSR or a dense 2-d array."""
+    x = expression_matrix(adata, layer)
+    return sparse.csr_matrix(x) if sparse.issparse(x) else np.asarray(x)
 
 
 def _label(value: Any) -> str:
@@ -118,12 +101,6 @@ def categorical(values: Sequence[Hashable] | np.ndarray, source: pd.Series | Non
         except TypeError:
             categories = list(used)
     return pd.Categorical(values, categories=categories)
-
-
-def dense_rows(x, rows: np.ndarray) -> np.ndarray:
-    """Rows of ``x`` (dense or CSR) as a float64 array."""
-    sub = x[rows]
-    return np.asarray(sub.toarray() if sparse.issparse(sub) else sub, dtype=np.float64)
 
 
 def mean_rows(x, mask: np.ndarray) -> np.ndarray:
@@ -165,11 +142,7 @@ class BaselineInput:
             raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}.")
         if perturbation_key is None:
             raise ValueError("perturbation_key is required.")
-        keys = [k for k in (perturbation_key, context_key, batch_key) if k is not None]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"perturbation_key, context_key and batch_key must be different columns, got {keys}.")
-        if "population" in keys:
-            raise ValueError("'population' is reserved for the output's population column; rename that obs column.")
+        check_distinct_keys(perturbation_key=perturbation_key, context_key=context_key, batch_key=batch_key)
         self.adata = adata
         self.keys = {"perturbation": perturbation_key, "context": context_key, "batch": batch_key}
         self.pert = obs_column(adata, perturbation_key, "perturbation_key")
@@ -177,8 +150,8 @@ class BaselineInput:
         self.batch = obs_column(adata, batch_key, "batch_key")
         self.x = matrix(adata, layer)
         self.layer = layer
-        self.n_cells = check_n_cells(n_cells)
-        self.seed = check_seed(seed)
+        self.n_cells = optional_positive_int(n_cells, "n_cells")
+        self.seed = optional_seed(seed)
         self.perturbation, self.context, self.control_value = perturbation, context, control_value
 
         self.control = self.pert == control_value
@@ -255,17 +228,14 @@ class BaselineInput:
     def assemble(self, name: str, x: np.ndarray, source: np.ndarray, extra: dict | None = None) -> AnnData:
         """The output AnnData for predicted rows ``x`` built on the ``adata`` cells ``source``."""
         n = x.shape[0]
-        obs = pd.DataFrame(index=pd.Index([f"baseline_{i}" for i in range(n)]))
         obs_src = self.adata.obs
         pk, ck, bk = self.keys["perturbation"], self.keys["context"], self.keys["batch"]
-        obs[pk] = categorical([self.perturbation] * n, obs_src[pk])
+        obs = {pk: categorical([self.perturbation] * n, obs_src[pk])}
         if ck is not None:
             obs[ck] = categorical([self.context] * n, obs_src[ck])
         if bk is not None:
             obs[bk] = categorical(self.batch[source], obs_src[bk])
-        obs["population"] = np.zeros(n, dtype=np.int64)
-        out = AnnData(X=np.asarray(x, dtype=np.float32), obs=obs, var=pd.DataFrame(index=self.adata.var_names.copy()))
-        out.uns["baseline"] = {
+        uns = {
             "name": name,
             "perturbation": _label(self.perturbation),
             "context": _label(self.context),
@@ -279,4 +249,12 @@ class BaselineInput:
             **(extra or {}),
             "source_cells": np.asarray(self.adata.obs_names[source], dtype=str),
         }
-        return out
+        return population_adata(
+            x,
+            obs=obs,
+            population=np.zeros(n, dtype=np.int64),
+            var_names=self.adata.var_names,
+            name_prefix="baseline",
+            uns_key="baseline",
+            uns=uns,
+        )

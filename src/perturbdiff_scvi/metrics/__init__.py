@@ -1,13 +1,33 @@
-"""Evaluation metrics (numpy/scipy/scanpy only).
+"""Evaluation metrics (numpy, scipy, scikit-learn, scanpy).
 
 Definitions follow the design note ``metrics.md`` (cell-eval / pdex for the VCC metrics, pertpy for the
-E-distance, CellFlow for the RBF MMD, scGen / CPA for the R² of means).
+E-distance, CellFlow for the RBF MMD, scGen / CPA for the R² of means). Modules:
+
+- ``_distribution``: :func:`energy_distance` (alias :func:`e_distance`), :func:`mmd_rbf`, :func:`fit_pca`;
+- ``_expression``: pseudobulk errors, :func:`pearson_delta`, :func:`r2_mean`, :func:`discrimination_score`,
+  :func:`de_metrics`, :func:`baseline_normalized_score`;
+- ``_de``: :func:`differential_expression` (pdex's DE table) and :func:`top_de_genes` (scanpy Wilcoxon);
+- ``_sparsity``: :func:`realistic_zero_threshold`, :func:`zero_small_values`.
 """
 
-from ._basic import energy_distance, pearson_delta, top_de_genes
-from ._de import DE_COLUMNS, benjamini_hochberg, differential_expression, log2_fold_change, pseudobulk_geometric
-from ._distribution import DEFAULT_MMD_GAMMAS, PCAProjection, e_distance, fit_pca, mmd_rbf
-from ._expression import baseline_normalized_score, de_metrics, discrimination_score, mae, mse, r2_mean
+from ._de import (
+    DE_COLUMNS,
+    benjamini_hochberg,
+    differential_expression,
+    log2_fold_change,
+    pseudobulk_geometric,
+    top_de_genes,
+)
+from ._distribution import DEFAULT_MMD_GAMMAS, PCAProjection, e_distance, energy_distance, fit_pca, mmd_rbf
+from ._expression import (
+    baseline_normalized_score,
+    de_metrics,
+    discrimination_score,
+    mae,
+    mse,
+    pearson_delta,
+    r2_mean,
+)
 from ._sparsity import realistic_zero_threshold, zero_small_values
 
 __all__ = [

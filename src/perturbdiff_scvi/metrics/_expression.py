@@ -1,8 +1,15 @@
-"""Pseudobulk, discrimination and DE-agreement metrics, to cell-eval's definitions (numpy/scipy only).
+"""Pseudobulk, discrimination and DE-agreement metrics, to cell-eval's definitions.
 
 Definitions follow the design note ``metrics.md`` section 2.2 (cell-eval @ cb708765 / 0.8.2, pdex 0.3.0).
 Notation: for a perturbation ``p``, ``x̄`` is the per-gene mean over cells (pseudobulk) of the
 log-normalized expression, and ``δ_p = x̄_p - x̄_ctrl`` is its effect.
+
+Library code does the generic parts (``scipy.stats.spearmanr``, ``sklearn.metrics.roc_auc_score`` /
+``average_precision_score``, ``sklearn.metrics.pairwise.cosine_distances``). The cell-eval-specific
+glue (pseudobulk errors, the discrimination-score ranking, the significant-gene overlaps and their edge
+cases) is written here rather than imported from cell-eval: cell-eval pulls in polars, pdex and an AnnData
+pair/DE pipeline for a few lines of arithmetic, so this module stays light, and
+``tests/metrics/test_metrics_celleval_crosscheck.py`` checks it against cell-eval / pdex value by value.
 """
 
 from __future__ import annotations
@@ -12,9 +19,12 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
+from scipy.spatial.distance import cdist
+from scipy.stats import spearmanr
+from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics.pairwise import cosine_distances
 
-from ._basic import _dense, pearson_delta
+from ._arrays import _dense
 
 __all__ = [
     "baseline_normalized_score",
@@ -72,6 +82,16 @@ def mae(pred, real, *, control=None, genes=None) -> float:
     Returns
     -------
     float
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from perturbdiff_scvi.metrics import mae
+    >>> real = np.array([[1.0, 2.0], [3.0, 4.0]])  # pseudobulk [2, 3]
+    >>> mae(real + 0.5, real)
+    0.5
+    >>> mae(np.array([2.0, 4.0]), real)  # a pseudobulk vector works too
+    0.5
     """
     p, r = _pair(pred, real, control, genes)
     return float(np.mean(np.abs(p - r)))
@@ -95,6 +115,17 @@ def mse(pred, real, *, control=None, genes=None) -> float:
     Returns
     -------
     float
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from perturbdiff_scvi.metrics import mse
+    >>> real = np.array([[1.0, 2.0], [3.0, 4.0]])
+    >>> mse(real + 0.5, real)
+    0.25
+    >>> control = real - 1.0
+    >>> mse(real + 0.5, real, control=control)  # effects: 1.5 vs 1.0
+    0.25
     """
     p, r = _pair(pred, real, control, genes)
     return float(np.mean((p - r) ** 2))
@@ -122,6 +153,16 @@ def r2_mean(pred, real, genes=None) -> float:
     -------
     float
         Best 1.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from perturbdiff_scvi.metrics import r2_mean
+    >>> real = np.array([1.0, 2.0, 3.0, 4.0])
+    >>> r2_mean(real, real)
+    1.0
+    >>> r2_mean(np.full(4, real.mean()), real)  # predicting the mean of the means
+    0.0
     """
     p, r = _pair(pred, real, None, genes)
     ss_res = float(np.sum((r - p) ** 2))
@@ -131,23 +172,54 @@ def r2_mean(pred, real, genes=None) -> float:
     return 1.0 - ss_res / ss_tot
 
 
+def pearson_delta(pred, real, control, genes: np.ndarray | None = None) -> float:
+    """Pearson correlation of predicted vs real mean shift from control, cell-eval's ``pearson_delta``.
+
+    ``r = corr_g(δ_g^pred, δ_g^real)`` with ``δ^pred = x̄^pred - x̄^ctrl`` and ``δ^real = x̄^real - x̄^ctrl``
+    (``numpy.corrcoef``), the same control mean on both sides. ``genes`` restricts the correlation, e.g. to
+    the top DE genes (:func:`~perturbdiff_scvi.metrics.top_de_genes`), as scGen / CPA report it.
+
+    Parameters
+    ----------
+    pred, real, control
+        Cells x genes matrices (dense or sparse) of predicted, real perturbed and real control cells.
+    genes
+        Optional integer or boolean index over the genes.
+
+    Returns
+    -------
+    float
+        In ``[-1, 1]``, best 1; ``nan`` if either shift is constant over the genes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from perturbdiff_scvi.metrics import pearson_delta
+    >>> rng = np.random.default_rng(0)
+    >>> control = rng.normal(size=(50, 20))
+    >>> real = control + np.linspace(0, 2, 20)
+    >>> round(pearson_delta(real, real, control), 6)
+    1.0
+    """
+    ctrl_mean = _dense(control).mean(0)
+    d_pred, d_real = _dense(pred).mean(0) - ctrl_mean, _dense(real).mean(0) - ctrl_mean
+    if genes is not None:
+        d_pred, d_real = d_pred[genes], d_real[genes]
+    return float(np.corrcoef(d_pred, d_real)[0, 1])
+
+
 # --------------------------------------------------------------------------- discrimination score
 
 
 def _distances(real: np.ndarray, v: np.ndarray, metric: str) -> np.ndarray:
-    diff = real - v[None, :]
+    """Distance of each row of ``real`` to ``v``: ``scipy.spatial.distance.cdist`` / sklearn's cosine."""
     if metric in ("l1", "manhattan", "cityblock"):
-        return np.abs(diff).sum(1)
+        return cdist(real, v[None, :], "cityblock")[:, 0]
     if metric in ("l2", "euclidean"):
-        return np.sqrt((diff * diff).sum(1))
+        return cdist(real, v[None, :], "euclidean")[:, 0]
     if metric == "cosine":
-        # sklearn.metrics.pairwise.cosine_distances: zero vectors are left unnormalized (similarity 0).
-        rn = np.linalg.norm(real, axis=1)
-        vn = np.linalg.norm(v)
-        rn[rn == 0] = 1.0
-        vn = vn if vn > 0 else 1.0
-        sim = (real / rn[:, None]) @ (v / vn)
-        return np.clip(1.0 - sim, 0.0, 2.0)
+        # cell-eval: sklearn pairwise_distances(metric="cosine"); a zero vector has similarity 0 (distance 1).
+        return cosine_distances(real, v[None, :])[:, 0]
     raise ValueError(f"Unknown metric {metric!r}; use 'l1', 'l2' or 'cosine'.")
 
 
@@ -171,6 +243,11 @@ def discrimination_score(
     ``d`` are broken by perturbation order (``sorted`` keys of ``real_deltas``; stable sort), where
     cell-eval's unstable ``numpy.argsort`` is arbitrary.
 
+    The distances are library code (``scipy.spatial.distance.cdist`` for ``l1`` / ``l2``,
+    ``sklearn.metrics.pairwise.cosine_distances`` for ``cosine``); the ranking is written here, to
+    cell-eval's definition, to keep cell-eval (polars, pdex) out of the dependencies. It is cross-checked
+    against cell-eval by ``tests/metrics/test_metrics_celleval_crosscheck.py``.
+
     Parameters
     ----------
     pred_deltas
@@ -186,6 +263,15 @@ def discrimination_score(
     -------
     dict[str, float]
         Perturbation -> score, for every key of ``pred_deltas``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from perturbdiff_scvi.metrics import discrimination_score
+    >>> real = {"A": np.array([1.0, 0.0, 0.0]), "B": np.array([0.0, 1.0, 0.0])}
+    >>> pred = {"A": np.array([0.9, 0.1, 0.0]), "B": np.array([0.8, 0.2, 0.0])}
+    >>> discrimination_score(pred, real, metric="l1")  # B's prediction is nearer to A's effect
+    {'A': 1.0, 'B': 0.5}
     """
     perts = sorted(real_deltas, key=str)
     if not perts:
@@ -252,32 +338,10 @@ def _top_overlap(real_sig: np.ndarray, pred_sig: np.ndarray, k: int | None, by: 
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    if a.size < 2:
+    """``scipy.stats.spearmanr`` (average ranks); ``nan`` for fewer than 2 genes or a constant side."""
+    if a.size < 2 or np.unique(a).size < 2 or np.unique(b).size < 2:
         return float("nan")
-    ra, rb = rankdata(a), rankdata(b)
-    if np.ptp(ra) == 0 or np.ptp(rb) == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def _roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve = P(score_pos > score_neg) + 0.5 P(tie), via average ranks."""
-    pos = labels.astype(bool)
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    ranks = rankdata(scores)
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def _average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
-    """``sum_n (R_n - R_{n-1}) P_n`` over distinct score thresholds (``sklearn.metrics.average_precision_score``)."""
-    order = np.argsort(-scores, kind="mergesort")
-    s, y = scores[order], labels[order].astype(np.float64)
-    last = np.r_[np.flatnonzero(np.diff(s)), y.size - 1]
-    tps = np.cumsum(y)[last]
-    fps = (last + 1) - tps
-    precision = tps / (tps + fps)
-    recall = tps / tps[-1]
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return float(spearmanr(a, b).statistic)
 
 
 def de_metrics(
@@ -301,11 +365,14 @@ def de_metrics(
       ``k_eff = min(k, |P|)``.
     - ``de_sig_genes_recall``: ``|R ∩ P| / |R|``.
     - ``de_direction_match``: fraction of genes in ``R`` with ``sign(lfc_pred) == sign(lfc_real)``.
-    - ``de_spearman_lfc_sig``: Spearman correlation (average ranks) of real vs predicted log2FC over ``R``
-      (``nan`` if ``|R| < 2`` or either side is constant; ±inf values rank at the ends).
+    - ``de_spearman_lfc_sig``: Spearman correlation (``scipy.stats.spearmanr``, average ranks) of real vs
+      predicted log2FC over ``R`` (``nan`` if ``|R| < 2`` or either side is constant; ±inf values rank at
+      the ends).
     - ``roc_auc`` / ``pr_auc``: over all real genes, label ``fdr_real < fdr``, score
-      ``-log10(fdr_pred)`` with ``fdr_pred = 0`` replaced by ``1e-10``; ROC AUC (ties count 1/2) and
-      average precision ``sum_n (R_n - R_{n-1}) P_n``. ``nan`` unless both classes occur.
+      ``-log10(fdr_pred)`` with ``fdr_pred = 0`` replaced by ``1e-10``; ROC AUC
+      (``sklearn.metrics.roc_auc_score``, ties count 1/2) and average precision
+      ``sum_n (R_n - R_{n-1}) P_n`` (``sklearn.metrics.average_precision_score``). ``nan`` unless both
+      classes occur.
     - ``n_sig_real = |R|``, ``n_sig_pred = |P|``.
 
     Genes missing from ``pred_de`` count as ``log2FC = 0`` (a sign mismatch; "missing predictions -> 0") and
@@ -317,6 +384,10 @@ def de_metrics(
     averages rather than counted as failures). cell-eval returns 0.0 in these cases: pass
     ``no_sig_value=0.0`` to reproduce its numbers exactly. Direction match, Spearman and the AUCs are
     ``nan`` when ``R`` is empty regardless (cell-eval leaves them missing too).
+
+    The correlation and the AUCs are scipy / sklearn; the significant-gene ranking, the overlaps and their
+    edge cases are written here, to cell-eval's definitions, so that cell-eval (polars, pdex) is not a
+    dependency. ``tests/metrics/test_metrics_celleval_crosscheck.py`` checks them against cell-eval.
 
     Parameters
     ----------
@@ -336,6 +407,20 @@ def de_metrics(
         Keys ``overlap_at_N``, ``overlap_at_{k}``..., ``precision_at_N``, ``precision_at_{k}``...,
         ``de_sig_genes_recall``, ``de_direction_match``, ``de_spearman_lfc_sig``, ``roc_auc``, ``pr_auc``,
         ``n_sig_real``, ``n_sig_pred``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from perturbdiff_scvi.metrics import de_metrics, differential_expression
+    >>> rng = np.random.default_rng(0)
+    >>> control = np.log1p(rng.poisson(1.0, size=(80, 30)).astype(float))
+    >>> real = control.copy()
+    >>> real[:, :5] += 1.0  # five up-regulated genes
+    >>> de_real = differential_expression(real, control)
+    >>> de_pred = differential_expression(real + rng.normal(0, 0.05, real.shape), control)
+    >>> m = de_metrics(de_real, de_pred)
+    >>> m["n_sig_real"], m["overlap_at_N"]
+    (5.0, 1.0)
     """
     real = _de_view(real_de, "real")
     pred = _de_view(pred_de, "pred")
@@ -366,8 +451,8 @@ def de_metrics(
     n_pos = int(sig_mask.sum())
     if 0 < n_pos < sig_mask.size:
         scores = -np.log10(np.where(pred_fdr == 0, 1e-10, pred_fdr))
-        out["roc_auc"] = _roc_auc(sig_mask, scores)
-        out["pr_auc"] = _average_precision(sig_mask, scores)
+        out["roc_auc"] = float(roc_auc_score(sig_mask, scores))
+        out["pr_auc"] = float(average_precision_score(sig_mask, scores))
     else:
         out["roc_auc"] = float("nan")
         out["pr_auc"] = float("nan")
@@ -401,6 +486,14 @@ def baseline_normalized_score(value, baseline, *, best: Literal[0, 1]):
     -------
     float or numpy.ndarray
         ``nan`` where the normalization divides by zero.
+
+    Examples
+    --------
+    >>> from perturbdiff_scvi.metrics import baseline_normalized_score
+    >>> baseline_normalized_score(0.8, 0.6, best=1)  # (0.8 - 0.6) / (1 - 0.6)
+    0.5000000000000001
+    >>> baseline_normalized_score(0.1, 0.2, best=0)  # 1 - 0.1 / 0.2
+    0.5
     """
     u = np.asarray(value, dtype=np.float64)
     b = np.asarray(baseline, dtype=np.float64)

@@ -1,72 +1,44 @@
-"""PerturbDiff: the user-facing scvi-tools model (setup, train, predict, save/load)."""
+"""PerturbDiff: the user-facing scvi-tools model. Thin: each job lives in its own room of this package.
+
+- presets and defaults: ``_presets.py``; registration checks and fields: ``_setup.py``;
+- training schedule and Ctrl+C recovery: ``_train.py``; the optimisation: ``_training_plan.py``;
+- atomic save and validated load: ``_io.py``;
+- prediction (conditions, ``Job`` plan, sampling, assembly): ``_predict.py``; control cells: ``_controls.py``.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-import shutil
-import signal
-import uuid
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 import rich.pretty  # noqa: F401  (scvi 1.4.2 + rich>=15: view_anndata_setup needs it imported)
 import torch
 from anndata import AnnData
-from scipy import sparse
 from scvi import settings
 from scvi.data import AnnDataManager
-from scvi.data.fields import CategoricalObsField, LayerField, MuDataCategoricalObsField, MuDataLayerField
 from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 from scvi.utils import setup_anndata_dsp
 
-from .._combinations import PerturbationVocabulary, check_delimiter, check_labels
+from .._combinations import PerturbationVocabulary
 from .._compat import devices_dsp
 from .._constants import PDIFF_KEYS
-from ..data import SetDataSplitter, control_pool, registered_codes
+from .._validation import find_category, optional_seed
+from ..data import SetDataSplitter
 from ..module import PerturbDiffModule
+from . import _io, _predict, _setup, _train
+from ._presets import DEFAULT_GUIDANCE_SCALE, check_hyperparameters
 from ._training_plan import DiffusionTrainingPlan
-from ._validation import (
-    check_control_value,
-    check_log_normalised,
-    check_obs_column,
-    expression_matrix,
-    find_category,
-    positive_int,
-)
 
 if TYPE_CHECKING:
     from mudata import MuData
 
 logger = logging.getLogger(__name__)
-
-#: The sizes of the released model (Yuan et al. 2026), for GPUs: ``PerturbDiff(adata, **PAPER_CONFIG)``; predict
-#: with the released ``guidance_scale=1.0``.
-PAPER_CONFIG: dict = {
-    "n_hidden": 512,
-    "depth": 8,
-    "n_heads": 8,
-    "n_cov": 128,
-    "set_size": 256,
-    "input_scale": 10.0,
-    "ema_every": 10,
-    "p_drop_cond": 0.5,
-}
-
-#: Optimisation steps when ``train()`` is given neither ``max_epochs`` nor ``max_steps``.
-DEFAULT_MAX_STEPS = 1500
-
-#: Default classifier-free guidance weight of ``predict_population`` (released: 1.0, the value for
-#: ``PAPER_CONFIG``). Measured on the benchmark tasks with the small defaults (see the README): 0.5 gives
-#: better mean shifts than 1.0 with seeds 0 / 1 (Kang pearson_delta 0.882 / 0.864 vs 0.876 / 0.860, Norman
-#: 0.675 / 0.636 vs 0.648 / 0.610) at a similar or lower E-distance.
-DEFAULT_GUIDANCE_SCALE = 0.5
 
 
 class PerturbDiff(BaseModelClass):
@@ -156,17 +128,12 @@ class PerturbDiff(BaseModelClass):
         ema_every: int = 1,
     ):
         super().__init__(adata)
-        for name, value in {
-            "set_size": set_size,
-            "n_hidden": n_hidden,
-            "depth": depth,
-            "n_heads": n_heads,
-            "n_timesteps": n_timesteps,
-            "ema_every": ema_every,
-        }.items():
-            positive_int(value, name)
-        if (2 * n_hidden) % n_heads:
-            raise ValueError(f"2 * n_hidden ({2 * n_hidden}) must be divisible by n_heads ({n_heads}).")
+        hparams = check_hyperparameters(
+            set_size=set_size, n_hidden=n_hidden, depth=depth, n_heads=n_heads, mlp_ratio=mlp_ratio, n_cov=n_cov,
+            n_cov_hidden=n_cov_hidden, n_timesteps=n_timesteps, beta_schedule=beta_schedule, input_scale=input_scale,
+            energy_weight=energy_weight, mse_weight=mse_weight, p_drop_cond=p_drop_cond, p_self_cond=p_self_cond,
+            ema_decay=ema_decay, ema_every=ema_every,
+        )  # fmt: skip
         ss = self.summary_stats
         vocab = self._vocabulary
         self.module = self._module_cls(
@@ -175,22 +142,7 @@ class PerturbDiff(BaseModelClass):
             n_contexts=ss[f"n_{PDIFF_KEYS.CONTEXT_KEY}"],
             n_batches=ss[f"n_{PDIFF_KEYS.BATCH_KEY}"],
             perturbation_components=None if vocab is None else torch.from_numpy(vocab.matrix),
-            set_size=set_size,
-            n_hidden=n_hidden,
-            depth=depth,
-            n_heads=n_heads,
-            mlp_ratio=mlp_ratio,
-            n_cov=n_cov,
-            n_cov_hidden=n_cov_hidden,
-            n_timesteps=n_timesteps,
-            beta_schedule=beta_schedule,
-            input_scale=input_scale,
-            energy_weight=energy_weight,
-            mse_weight=mse_weight,
-            p_drop_cond=p_drop_cond,
-            p_self_cond=p_self_cond,
-            ema_decay=ema_decay,
-            ema_every=ema_every,
+            **hparams,
         )
         n_params = sum(p.numel() for p in self.module.denoiser.parameters())
         self._model_summary_string = (
@@ -200,7 +152,6 @@ class PerturbDiff(BaseModelClass):
         )
         self.init_params_ = self._get_init_params(locals())
 
-    # ------------------------------------------------------------------ setup
     @classmethod
     @setup_anndata_dsp.dedent
     def setup_anndata(
@@ -256,24 +207,19 @@ class PerturbDiff(BaseModelClass):
             raise TypeError(
                 f"setup_anndata expects an AnnData, got {type(adata).__name__}; use setup_mudata for MuData."
             )
-        _check_setup_inputs(
+        keys = {"perturbation_key": perturbation_key, "context_key": context_key, "batch_key": batch_key}
+        _setup.check_setup_inputs(
             adata,
-            adata.obs,
-            perturbation_key,
-            control_value,
-            context_key,
-            batch_key,
-            expression_matrix(adata, layer),
-            "adata.X" if layer is None else f"adata.layers[{layer!r}]",
-            combination_delimiter,
+            obs=adata.obs,
+            layer=layer,
+            control_value=control_value,
+            combination_delimiter=combination_delimiter,
+            **keys,
         )
-        fields = [
-            LayerField(PDIFF_KEYS.X_KEY, layer, is_count_data=False),
-            CategoricalObsField(PDIFF_KEYS.PERT_KEY, perturbation_key),
-            CategoricalObsField(PDIFF_KEYS.CONTEXT_KEY, context_key),
-            CategoricalObsField(PDIFF_KEYS.BATCH_KEY, batch_key),
-        ]
-        adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        adata_manager = AnnDataManager(
+            fields=_setup.anndata_fields(layer, perturbation_key, context_key, batch_key),
+            setup_method_args=setup_method_args,
+        )
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
 
@@ -321,58 +267,26 @@ class PerturbDiff(BaseModelClass):
             raise TypeError(f"setup_mudata expects a MuData, got {type(mdata).__name__}.")
         if perturbation_key is None or control_value is None:
             raise ValueError("setup_mudata needs perturbation_key and control_value.")
-        modalities = {"rna_layer": "rna"} if modalities is None else dict(modalities)
-        if len(modalities) != 1 or set(modalities) - {"rna_layer", "rna"}:
-            raise ValueError(
-                f"modalities must name the RNA modality, e.g. {{'rna_layer': 'rna'}} (or {{'rna': ...}}); "
-                f"got {modalities}."
-            )
-        rna_mod = next(iter(modalities.values()))
-        if rna_mod not in mdata.mod:
-            raise KeyError(
-                f"Modality {rna_mod!r} not found in mdata.mod (available: {list(mdata.mod)}); set "
-                "modalities={'rna_layer': <RNA modality>}."
-            )
-        rna = mdata.mod[rna_mod]
-        if rna.n_obs != mdata.n_obs or not rna.obs_names.equals(mdata.obs_names):
-            raise ValueError(
-                f"Modality {rna_mod!r} has {rna.n_obs} cells but mdata has {mdata.n_obs} (or another "
-                "order); PerturbDiff needs RNA for every cell. Subset mdata to the RNA cells first."
-            )
-
-        def obs_mod(key: str | None) -> str | None:
-            return None if key is None or key in mdata.obs.columns else rna_mod
-
-        obs = {k: (mdata.obs if obs_mod(k) is None else rna.obs) for k in (perturbation_key, context_key, batch_key)}
-        merged = pd.DataFrame(
-            {k: v[k] for k, v in obs.items() if k is not None and k in v.columns}, index=mdata.obs_names
+        rna_mod = _setup.rna_modality(mdata, modalities)
+        merged, where = _setup.merged_mudata_obs(mdata, rna_mod, (perturbation_key, context_key, batch_key))
+        keys = {"perturbation_key": perturbation_key, "context_key": context_key, "batch_key": batch_key}
+        _setup.check_setup_inputs(
+            mdata.mod[rna_mod],
+            obs=merged,
+            layer=rna_layer,
+            control_value=control_value,
+            combination_delimiter=combination_delimiter,
+            name=f"mdata[{rna_mod!r}]",
+            **keys,
         )
-        for key in (perturbation_key, context_key, batch_key):
-            if key is not None and key not in merged.columns:
-                raise KeyError(f"{key!r} is neither a column of mdata.obs nor of mdata[{rna_mod!r}].obs.")
-        where = f"mdata[{rna_mod!r}]." + ("X" if rna_layer is None else f"layers[{rna_layer!r}]")
-        _check_setup_inputs(
-            rna,
-            merged,
-            perturbation_key,
-            control_value,
-            context_key,
-            batch_key,
-            expression_matrix(rna, rna_layer),
-            where,
-            combination_delimiter,
+        adata_manager = AnnDataManager(
+            fields=_setup.mudata_fields(rna_layer, rna_mod, where, perturbation_key, context_key, batch_key),
+            setup_method_args=setup_method_args,
         )
-        fields = [
-            MuDataLayerField(PDIFF_KEYS.X_KEY, rna_layer, mod_key=rna_mod, is_count_data=False, mod_required=True),
-            MuDataCategoricalObsField(PDIFF_KEYS.PERT_KEY, perturbation_key, mod_key=obs_mod(perturbation_key)),
-            MuDataCategoricalObsField(PDIFF_KEYS.CONTEXT_KEY, context_key, mod_key=obs_mod(context_key)),
-            MuDataCategoricalObsField(PDIFF_KEYS.BATCH_KEY, batch_key, mod_key=obs_mod(batch_key)),
-        ]
-        adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(mdata, **kwargs)
         cls.register_manager(adata_manager)
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ registry
     def _mapping(self, key: str) -> np.ndarray:
         return self.adata_manager.get_state_registry(key).categorical_mapping
 
@@ -380,9 +294,9 @@ class PerturbDiff(BaseModelClass):
     def _control_code(self) -> int:
         return find_category(
             self._mapping(PDIFF_KEYS.PERT_KEY),
-            self.get_setup_arg("control_value"),
+            self._setup_arg("control_value"),
             "control value",
-            self.get_setup_arg("perturbation_key"),
+            self._setup_arg("perturbation_key"),
         )
 
     @property
@@ -399,11 +313,12 @@ class PerturbDiff(BaseModelClass):
         return pd.Index(self.adata_manager.get_state_registry(PDIFF_KEYS.X_KEY).column_names)
 
     def _setup_arg(self, name: str):
-        return self.adata_manager.registry["setup_args"].get(name)
+        """A setup argument, ``None`` when that setup method has no such argument (e.g. ``rna_layer`` for AnnData).
 
-    def get_setup_arg(self, name: str):
-        """Value of an argument given to :meth:`setup_anndata` / :meth:`setup_mudata`."""
-        return self._setup_arg(name)
+        scvi-tools' :meth:`~scvi.model.base.BaseModelClass.get_setup_arg` (inherited unchanged) raises a
+        ``KeyError`` instead.
+        """
+        return self.adata_manager.registry["setup_args"].get(name)
 
     # ------------------------------------------------------------------ training
     @devices_dsp.dedent
@@ -413,7 +328,7 @@ class PerturbDiff(BaseModelClass):
         max_steps: int | None = None,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
-        batch_size: int = 8,
+        sets_per_batch: int = 8,
         lr: float = 1e-3,
         early_stopping: bool = False,
         validation_size: float = 0.1,
@@ -422,6 +337,7 @@ class PerturbDiff(BaseModelClass):
         check_val_every_n_epoch: int | None = None,
         plan_kwargs: dict | None = None,
         datasplitter_kwargs: dict | None = None,
+        batch_size: int | None = None,
         **trainer_kwargs,
     ):
         """Train the model with Lightning through scvi-tools' ``TrainRunner``.
@@ -434,8 +350,9 @@ class PerturbDiff(BaseModelClass):
             Optimisation steps; if neither is given, ``DEFAULT_MAX_STEPS`` (1500) steps.
         %(param_accelerator)s
         %(param_devices)s
-        batch_size
-            Cell sets per optimisation step (each set holds ``set_size`` cells plus as many controls).
+        sets_per_batch
+            Cell **sets** per optimisation step (each set holds ``set_size`` cells plus as many matched controls,
+            so a step sees ``2 * sets_per_batch * set_size`` cells).
         lr
             Peak learning rate of AdamW (warm-up, plateau, cosine decay to a tenth).
         early_stopping
@@ -456,6 +373,9 @@ class PerturbDiff(BaseModelClass):
             ...).
         datasplitter_kwargs
             Options of :class:`~perturbdiff_scvi.data.SetDataSplitter` (``seed``, ``pin_memory``).
+        batch_size
+            Deprecated name of ``sets_per_batch`` (it counts sets, not cells, unlike other scvi-tools models);
+            warns with a ``FutureWarning``.
         **trainer_kwargs
             Passed to the Lightning trainer (``enable_progress_bar``, ``precision``, ``callbacks``, ...).
 
@@ -464,18 +384,20 @@ class PerturbDiff(BaseModelClass):
         >>> model.train(max_steps=1500)
         >>> model.history["train_loss_epoch"].tail()
         """
-        if max_epochs is None and max_steps is None:
-            max_steps = DEFAULT_MAX_STEPS
-        max_epochs = None if max_epochs is None else positive_int(max_epochs, "max_epochs")
-        max_steps = None if max_steps is None else positive_int(max_steps, "max_steps")
-        batch_size = positive_int(batch_size, "batch_size")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0; got {lr}.")
+        if batch_size is not None:
+            warnings.warn(
+                "train(batch_size=...) is deprecated: it counts cell sets per step, not cells; use "
+                "sets_per_batch=... instead.",
+                FutureWarning,
+                stacklevel=settings.warnings_stacklevel,
+            )
+            sets_per_batch = batch_size
+        max_epochs, max_steps, sets_per_batch, lr = _train.checked_lengths(max_epochs, max_steps, sets_per_batch, lr)
         splitter = self._data_splitter_cls(
             self.adata_manager,
             self._control_code,
             set_size=self.module.set_size,
-            sets_per_batch=batch_size,
+            sets_per_batch=sets_per_batch,
             validation_size=validation_size,
             split=split,
             train_on_controls=train_on_controls,
@@ -489,15 +411,9 @@ class PerturbDiff(BaseModelClass):
                 "or use split='cell'."
             )
         steps_per_epoch = len(splitter.train_dataloader().sampler)
-        if max_epochs is None:  # a finite epoch count keeps the progress bar readable ("Epoch 12/375")
-            max_epochs = math.ceil(max_steps / steps_per_epoch)
-        if check_val_every_n_epoch is None and has_val:
-            check_val_every_n_epoch = max(1, math.ceil(50 / steps_per_epoch))
-        if check_val_every_n_epoch is not None:
-            trainer_kwargs["check_val_every_n_epoch"] = check_val_every_n_epoch
-        trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
-        trainer_kwargs.setdefault("gradient_clip_val", 1.0)
-        trainer_kwargs.setdefault("log_every_n_steps", max(1, min(50, steps_per_epoch)))
+        max_epochs = _train.schedule_trainer(
+            steps_per_epoch, max_epochs, max_steps, has_val, check_val_every_n_epoch, trainer_kwargs
+        )
         plan = self._training_plan_cls(self.module, **{"lr": lr, **(plan_kwargs or {})})
         runner = self._train_runner_cls(
             self,
@@ -510,36 +426,7 @@ class PerturbDiff(BaseModelClass):
             early_stopping=early_stopping,
             **trainer_kwargs,
         )
-        # A trained model is left in eval mode and Lightning keeps module modes as found: switch back, or
-        # further training would skip self-conditioning.
-        self.module.train()
-        sigint_handler = signal.getsignal(signal.SIGINT)
-        try:
-            return runner()
-        except (KeyboardInterrupt, SystemExit) as err:
-            # Lightning turns Ctrl+C into sys.exit(1) and ignores further Ctrl+C; undo both and keep the model.
-            if isinstance(err, SystemExit) and not runner.trainer.interrupted:
-                raise
-            self._after_interrupt(runner, sigint_handler)
-
-    def _after_interrupt(self, runner, sigint_handler) -> None:
-        """Leave a usable model after Ctrl+C: weights of the last completed step, eval mode, history kept."""
-        try:
-            signal.signal(signal.SIGINT, sigint_handler)
-        except ValueError:  # not the main thread: nothing was changed there
-            pass
-        steps = int(runner.trainer.global_step)
-        self.module.eval()
-        self.is_trained_ = self.is_trained_ or steps > 0
-        splitter = runner.data_splitter
-        self.train_indices, self.validation_indices = splitter.train_idx, splitter.val_idx
-        self.test_indices = splitter.test_idx
-        warnings.warn(
-            f"Training interrupted after {steps} optimisation steps; the model keeps the weights of the last completed "
-            "step and can predict, be saved or be trained further.",
-            UserWarning,
-            stacklevel=settings.warnings_stacklevel,
-        )
+        return _train.run_interruptible(self, runner)
 
     # ------------------------------------------------------------------ save / load
     def save(
@@ -574,20 +461,13 @@ class PerturbDiff(BaseModelClass):
         >>> model.save("kang_model", overwrite=True)
         >>> model = PerturbDiff.load("kang_model", adata=train)
         """
-        target = Path(dir_path)
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"{str(target)!r} already exists; pass overwrite=True or choose another folder.")
-        token = uuid.uuid4().hex[:8]
-        tmp = target.parent / f".{target.name}.saving-{token}"
-        old = target.parent / f".{target.name}.replaced-{token}"
-        try:
-            super().save(str(tmp), prefix=prefix, overwrite=True, save_anndata=save_anndata, **kwargs)
-            if target.exists():
-                os.replace(target, old)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
+        _io.atomic_save(
+            lambda tmp: super(PerturbDiff, self).save(
+                tmp, prefix=prefix, overwrite=True, save_anndata=save_anndata, **kwargs
+            ),
+            dir_path,
+            overwrite=overwrite,
+        )
 
     @classmethod
     def load(cls, dir_path: str | os.PathLike, adata: AnnData | MuData | None = None, **kwargs) -> PerturbDiff:
@@ -607,29 +487,11 @@ class PerturbDiff(BaseModelClass):
         --------
         >>> model = PerturbDiff.load("kang_model", adata=train)
         """
-        path = Path(dir_path)
-        model_file = path / f"{kwargs.get('prefix') or ''}model.pt"
-        if not path.is_dir():
-            raise FileNotFoundError(f"No saved model at {str(path)!r}: the folder does not exist.")
-        if not model_file.is_file():
-            raise FileNotFoundError(
-                f"{str(path)!r} holds no {model_file.name!r}; it is not a folder written by PerturbDiff.save()."
-            )
-        try:
-            saved = torch.load(model_file, map_location="cpu", weights_only=False)
-            saved_name = saved["attr_dict"]["registry_"]["model_name"]
-            saved_genes = saved["var_names"]
-        except Exception as err:  # any failure here means an unreadable file
-            raise ValueError(
-                f"Could not read the saved model {str(model_file)!r}: the file is corrupt or incomplete "
-                f"({type(err).__name__}: {err}). Save the model again."
-            ) from err
-        if saved_name != cls.__name__:
-            raise ValueError(f"{str(path)!r} holds a {saved_name} model, not a {cls.__name__}.")
+        saved_genes = _io.read_saved_model(dir_path, kwargs.get("prefix"), cls.__name__)
         if adata is not None:
-            _check_same_genes(adata, saved_genes)
+            _io.check_same_genes(adata, saved_genes)
         try:
-            return super().load(str(path), adata=adata, **kwargs)
+            return super().load(str(dir_path), adata=adata, **kwargs)
         except (ValueError, KeyError, RuntimeError) as err:
             raise ValueError(
                 f"The data given to PerturbDiff.load() does not match the saved model: {err} Pass the "
@@ -658,6 +520,9 @@ class PerturbDiff(BaseModelClass):
         zero_threshold: float | Literal["auto"] | None = None,
     ) -> AnnData:
         """Generate cell populations for (perturbation, context, batch) combinations.
+
+        Counts (``n_cells``, ``n_populations``, ``n_steps``, ``batch_size``) accept whole-number floats such as
+        ``2.0`` as integers; anything else raises a ``ValueError`` naming the argument.
 
         Every requested perturbation is crossed with every requested context and batch. A combination
         never observed together in training works as long as the perturbation and the context were each
@@ -723,393 +588,24 @@ class PerturbDiff(BaseModelClass):
         >>> sc.pl.umap(anndata.concat([real, pred], label="source"), color="condition")
         """
         self._check_if_trained(warn=True)
-        n_cells, n_populations, n_steps, batch_size = _check_predict_args(
-            n_cells, n_populations, guidance_scale, n_steps, self.module.diffusion.n_timesteps, sampler, batch_size
+        options = _predict.SamplingOptions.checked(
+            n_steps=n_steps,
+            sampler=sampler,
+            guidance_scale=guidance_scale,
+            batch_size=batch_size,
+            use_ema=use_ema,
+            n_timesteps=self.module.diffusion.n_timesteps,
         )
-        zero_threshold = self._zero_threshold(zero_threshold)
-        perturbations = _as_list(perturbations, "perturbations")
-        pert_key, ctx_key, batch_key = (self._setup_arg(k) for k in ("perturbation_key", "context_key", "batch_key"))
-        pert_codes, ctx_codes, batch_codes = registered_codes(self.adata_manager)
-        perts = [self._perturbation(v, pert_codes, pert_key) for v in perturbations]
-        if contexts is None:
-            c_ids = np.unique(ctx_codes).tolist()
-        else:
-            c_ids = [
-                self._seen_code(PDIFF_KEYS.CONTEXT_KEY, v, ctx_codes, "context", ctx_key)
-                for v in _as_list(contexts, "contexts")
-            ]
-        b_req = (
-            None
-            if batches is None
-            else [
-                find_category(self._mapping(PDIFF_KEYS.BATCH_KEY), v, "batch", str(batch_key))
-                for v in _as_list(batches, "batches")
-            ]
+        return _predict.predict(
+            self,
+            perturbations,
+            contexts,
+            batches,
+            control_adata=control_adata,
+            n_cells=n_cells,
+            n_populations=n_populations,
+            options=options,
+            seed=optional_seed(seed),
+            bias_correction=bias_correction,
+            zero_threshold=zero_threshold,
         )
-        source = _ControlSource(self, control_adata, pert_codes, ctx_codes, batch_codes)
-        rng = np.random.default_rng(seed)
-        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-
-        # Plan every set: (condition index, population, control rows).
-        conditions, jobs = [], []
-        for label, pert, code in perts:
-            for c in c_ids:
-                for b in source.batches_for(c, b_req):
-                    pool = source.pool(c, b)
-                    observed = int(np.sum((pert_codes == code) & (ctx_codes == c) & (batch_codes == b)))
-                    n = n_cells or observed or len(pool)
-                    conditions.append(_Condition(label, pert, code, c, b, n))
-                    for pop in range(n_populations):
-                        for _ in range(math.ceil(n / self.module.set_size)):
-                            jobs.append((len(conditions) - 1, pop, rng.choice(len(pool), self.module.set_size)))
-        cells = self._sample_jobs(jobs, conditions, source, n_steps, sampler, guidance_scale, gen, batch_size, use_ema)
-        if bias_correction:
-            control = self._perturbation(self.get_setup_arg("control_value"), pert_codes, pert_key)
-            as_control = [cond._replace(label=control[0], pert=control[1], code=control[2]) for cond in conditions]
-            regenerated = self._sample_jobs(
-                jobs, as_control, source, n_steps, sampler, guidance_scale, gen, batch_size, use_ema
-            )
-            cells = _subtract_control_bias(jobs, conditions, cells, regenerated, source)
-        if zero_threshold is not None:
-            from ..metrics._sparsity import zero_small_values  # lazy: keeps the metrics package off import
-
-            cells = [zero_small_values(x, zero_threshold) for x in cells]
-        return self._assemble(
-            conditions,
-            jobs,
-            cells,
-            n_populations,
-            pert_key,
-            ctx_key,
-            batch_key,
-            uns={
-                "perturbations": [str(v) for v in perturbations],
-                "n_populations": n_populations,
-                "guidance_scale": float(guidance_scale),
-                "n_steps": int(n_steps),
-                "sampler": sampler,
-                "seed": "None" if seed is None else int(seed),
-                "set_size": int(self.module.set_size),
-                "use_ema": bool(use_ema),
-                "controls": "control_adata" if control_adata is not None else "registered",
-                "bias_correction": bool(bias_correction),
-                "zero_threshold": "None" if zero_threshold is None else float(zero_threshold),
-            },
-        )
-
-    def _zero_threshold(self, value) -> float | None:
-        """``zero_threshold`` as a float (``"auto"``: from the registered training matrix) or ``None``."""
-        if value is None:
-            return None
-        if isinstance(value, str) and value == "auto":
-            from ..metrics._sparsity import realistic_zero_threshold
-
-            return realistic_zero_threshold(self.adata_manager.get_from_registry(PDIFF_KEYS.X_KEY))
-        if isinstance(value, bool) or not isinstance(value, int | float | np.number) or not np.isfinite(value):
-            raise ValueError(f"zero_threshold must be None, 'auto' or a finite number >= 0; got {value!r}.")
-        if value < 0:
-            raise ValueError(f"zero_threshold must be >= 0 (values below it become 0); got {value!r}.")
-        return float(value)
-
-    def _perturbation(self, value, codes: np.ndarray, obs_key: str) -> tuple[str, object, int]:
-        """``(label, what the module embeds, registered code or -1)`` of a requested perturbation.
-
-        Without ``combination_delimiter`` the module embeds the registered code; with it, the component
-        codes, which also exist for a combination that was never registered.
-        """
-        vocab = self._vocabulary
-        if vocab is None:
-            code = self._seen_code(PDIFF_KEYS.PERT_KEY, value, codes, "perturbation", obs_key)
-            return self._mapping(PDIFF_KEYS.PERT_KEY)[code], code, code
-        mapping = [str(v) for v in self._mapping(PDIFF_KEYS.PERT_KEY)]
-        code = mapping.index(str(value)) if str(value) in mapping else -1
-        if code >= 0 and np.any(codes == code):
-            return self._mapping(PDIFF_KEYS.PERT_KEY)[code], vocab.matrix[code][vocab.matrix[code] >= 0], code
-        return str(value), vocab.codes(value, vocab.seen_components(codes), obs_key), code
-
-    def _seen_code(self, key: str, value, codes: np.ndarray, what: str, obs_key: str | None) -> int:
-        code = find_category(self._mapping(key), value, what, str(obs_key))
-        if not np.any(codes == code):
-            raise ValueError(
-                f"The {what} {value!r} has no cells in the training data (it is only an unused category "
-                f"of {obs_key!r}), so the model never learned it."
-            )
-        return code
-
-    def _sample_jobs(
-        self, jobs, conditions, source, n_steps, sampler, guidance_scale, gen, batch_size, use_ema
-    ) -> list[np.ndarray]:
-        from scvi.utils import track
-
-        s = self.module.set_size
-        out = []
-        chunks = range(0, len(jobs), batch_size)
-        for start in track(chunks, description="Sampling sets", disable=len(chunks) < 2):
-            chunk = jobs[start : start + batch_size]
-            conds = [conditions[ci] for ci, _, _ in chunk]
-            x_ctrl = np.stack(
-                [source.rows(cond.ctx, cond.batch, job[2]) for cond, job in zip(conds, chunk, strict=True)]
-            )
-            x = self.module.sample(
-                torch.from_numpy(x_ctrl),  # (B, S, G)
-                _perturbation_tensor([cond.pert for cond in conds]),
-                torch.tensor([cond.ctx for cond in conds]),
-                torch.tensor([cond.batch for cond in conds]),
-                n_steps=n_steps,
-                sampler=sampler,
-                guidance_scale=guidance_scale,
-                generator=gen,
-                use_ema=use_ema,
-            )
-            out.extend(x.cpu().numpy().reshape(len(chunk), s, -1))
-        return out
-
-    def _assemble(self, conditions, jobs, cells, n_populations, pert_key, ctx_key, batch_key, uns) -> AnnData:
-        by_pop: dict[tuple[int, int], list[np.ndarray]] = {}
-        for (ci, pop, _), x in zip(jobs, cells, strict=True):
-            by_pop.setdefault((ci, pop), []).append(x)
-        blocks, meta = [], {"pert": [], "ctx": [], "batch": [], "population": []}
-        for ci, cond in enumerate(conditions):
-            for pop in range(n_populations):
-                x = np.concatenate(by_pop[(ci, pop)])[: cond.n]
-                blocks.append(x)
-                values = {"pert": ci, "ctx": cond.ctx, "batch": cond.batch, "population": pop}
-                for name, value in values.items():
-                    meta[name].extend([value] * cond.n)
-        obs = pd.DataFrame(index=[f"perturbdiff_{i}" for i in range(len(meta["population"]))])
-        # Registered labels keep their registry order; combinations never registered follow as requested.
-        order = sorted(range(len(conditions)), key=lambda i: (conditions[i].code < 0, conditions[i].code, i))
-        labels = list(dict.fromkeys(conditions[i].label for i in order))  # keeps the user's value types
-        obs[pert_key] = pd.Categorical.from_codes(
-            [labels.index(conditions[i].label) for i in meta["pert"]], categories=labels
-        )
-        for key, reg, codes in (
-            (ctx_key, PDIFF_KEYS.CONTEXT_KEY, meta["ctx"]),
-            (batch_key, PDIFF_KEYS.BATCH_KEY, meta["batch"]),
-        ):
-            if key is None:
-                continue
-            mapping = self._mapping(reg)
-            used = sorted(set(codes))
-            obs[key] = pd.Categorical.from_codes([used.index(c) for c in codes], categories=mapping[used])
-        obs["population"] = np.asarray(meta["population"], dtype=np.int64)
-        var = pd.DataFrame(index=self.var_names.copy())
-        out = AnnData(X=np.concatenate(blocks).astype(np.float32), obs=obs, var=var)
-        out.uns["perturbdiff"] = uns
-        return out
-
-
-class _Condition(NamedTuple):
-    """One requested (perturbation, context, batch) population."""
-
-    label: str  # perturbation label in the output
-    pert: object  # what the module embeds: a registered code, or component codes (combinatorial)
-    code: int  # registered perturbation code, -1 for a combination never registered
-    ctx: int
-    batch: int
-    n: int  # cells per population
-
-
-def _subtract_control_bias(jobs, conditions, cells, regenerated, source) -> list[np.ndarray]:
-    """Per condition: subtract the per-gene mean error of the regenerated controls against their control cells."""
-    error_sum, n_sets = {}, {}
-    for (ci, _, idx), ctrl_generated in zip(jobs, regenerated, strict=True):
-        cond = conditions[ci]
-        error = ctrl_generated.mean(0) - source.rows(cond.ctx, cond.batch, idx).mean(0)
-        error_sum[ci] = error_sum.get(ci, 0.0) + error
-        n_sets[ci] = n_sets.get(ci, 0) + 1
-    return [
-        np.maximum(x - error_sum[ci] / n_sets[ci], 0.0).astype(x.dtype)
-        for (ci, _, _), x in zip(jobs, cells, strict=True)
-    ]
-
-
-def _perturbation_tensor(perts: list) -> torch.Tensor:
-    """``(B,)`` registered codes, or ``(B, K)`` component codes padded with -1."""
-    if not isinstance(perts[0], np.ndarray):
-        return torch.tensor(perts)
-    out = torch.full((len(perts), max(1, max(len(p) for p in perts))), -1, dtype=torch.long)
-    for i, p in enumerate(perts):
-        out[i, : len(p)] = torch.from_numpy(p)
-    return out
-
-
-class _ControlSource:
-    """Control cells to condition on: the registered ones, or a user's ``control_adata``."""
-
-    def __init__(self, model: PerturbDiff, control_adata: AnnData | None, pert_codes, ctx_codes, batch_codes):
-        self.model = model
-        self.codes = (pert_codes, ctx_codes, batch_codes)
-        self.control_code = model._control_code
-        self._pools: dict[tuple[int, int], np.ndarray] = {}
-        if control_adata is None:
-            self.matrix = model.adata_manager.get_from_registry(PDIFF_KEYS.X_KEY)
-            self.user = None
-        else:
-            self.matrix, self.user = _prepare_control_adata(model, control_adata)
-
-    def batches_for(self, c: int, requested: list[int] | None) -> list[int]:
-        if requested is not None:
-            return requested
-        pert, ctx, batch = self.codes
-        if self.user is not None:
-            user_batches = self.user["batch"][(self.user["ctx"] == c) | self.user["no_ctx"]]
-            found = sorted(set(user_batches[user_batches >= 0].tolist()))
-            if found:
-                return found
-        with_ctrl = sorted(set(batch[(pert == self.control_code) & (ctx == c)].tolist()))
-        return with_ctrl or sorted(set(batch[ctx == c].tolist()))
-
-    def pool(self, c: int, b: int) -> np.ndarray:
-        if (c, b) not in self._pools:
-            if self.user is None:
-                rows, _ = control_pool(*self.codes, self.control_code, c, b)
-            else:
-                ctx, batch = self.user["ctx"], self.user["batch"]
-                in_ctx = np.ones_like(ctx, dtype=bool) if self.user["no_ctx"] else ctx == c
-                if not in_ctx.any():
-                    name = self.model._mapping(PDIFF_KEYS.CONTEXT_KEY)[c]
-                    raise ValueError(
-                        f"control_adata has no cell of context {name!r} in column "
-                        f"{self.model._setup_arg('context_key')!r}; add such control cells or drop "
-                        "that column to use all its cells for every context."
-                    )
-                rows = np.flatnonzero(in_ctx & (batch == b))
-                if not len(rows):
-                    rows = np.flatnonzero(in_ctx)
-            self._pools[(c, b)] = rows
-        return self._pools[(c, b)]
-
-    def rows(self, c: int, b: int, idx: np.ndarray) -> np.ndarray:
-        x = self.matrix[self.pool(c, b)[idx]]
-        return (x.toarray() if sparse.issparse(x) else np.asarray(x)).astype(np.float32)
-
-
-def _prepare_control_adata(model: PerturbDiff, control_adata: AnnData):
-    """Gene-aligned expression of the user's control cells and their context/batch codes (-1 = unknown)."""
-    if not isinstance(control_adata, AnnData):
-        raise TypeError(f"control_adata must be an AnnData; got {type(control_adata).__name__}.")
-    genes = model.var_names
-    overlap = genes.intersection(control_adata.var_names)
-    if len(overlap) == 0:
-        raise ValueError(
-            "control_adata shares no gene with the training data (compare control_adata.var_names "
-            f"with model.var_names, e.g. {list(genes[:3])}); use the same gene identifiers."
-        )
-    if len(overlap) < len(genes):
-        missing = genes.difference(control_adata.var_names)
-        raise ValueError(
-            f"control_adata lacks {len(missing)} of the {len(genes)} training genes (e.g. "
-            f"{list(missing[:5])}); subset or pad it to model.var_names."
-        )
-    if not control_adata.var_names.is_unique:
-        raise ValueError("control_adata.var_names has duplicates; run control_adata.var_names_make_unique().")
-    layer = model._setup_arg("layer") or model._setup_arg("rna_layer")
-    if layer is not None and layer not in control_adata.layers:
-        raise KeyError(f"control_adata has no layer {layer!r}, the layer the model was set up with.")
-    cols = control_adata.var_names.get_indexer(genes)
-    matrix = (control_adata.X if layer is None else control_adata.layers[layer])[:, cols]
-    check_log_normalised(matrix, "control_adata expression")
-    obs = control_adata.obs
-    keep = np.ones(control_adata.n_obs, dtype=bool)
-    pert_key = model._setup_arg("perturbation_key")
-    if pert_key in obs.columns:
-        keep = (obs[pert_key].astype(str) == str(model._setup_arg("control_value"))).to_numpy()
-        if not keep.any():
-            raise ValueError(
-                f"control_adata.obs[{pert_key!r}] has no cell equal to the control value "
-                f"{model._setup_arg('control_value')!r}."
-            )
-    codes = {}
-    for name, setup_key, reg in (
-        ("ctx", "context_key", PDIFF_KEYS.CONTEXT_KEY),
-        ("batch", "batch_key", PDIFF_KEYS.BATCH_KEY),
-    ):
-        key = model._setup_arg(setup_key)
-        mapping = [str(v) for v in model._mapping(reg)]
-        if key is not None and key in obs.columns:
-            codes[name] = np.array([mapping.index(v) if v in mapping else -1 for v in obs[key].astype(str)])[keep]
-        else:
-            codes[name] = np.full(int(keep.sum()), -1)
-    codes["no_ctx"] = model._setup_arg("context_key") not in obs.columns
-    rows = np.flatnonzero(keep)
-    return matrix[rows], codes
-
-
-def _check_same_genes(adata, saved_genes) -> None:
-    """The genes of ``adata`` (its RNA modality for MuData) must equal the saved training genes, in order."""
-    if isinstance(saved_genes, dict):
-        mods = getattr(adata, "mod", {})
-        pairs = [(np.asarray(v), mods[k].var_names) for k, v in saved_genes.items() if k in mods]
-    else:
-        pairs = [(np.asarray(saved_genes), adata.var_names)]
-    for expected, got in pairs:
-        if len(expected) != len(got) or not np.array_equal(expected.astype(str), np.asarray(got).astype(str)):
-            first = next(
-                (i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if str(a) != str(b)),
-                min(len(expected), len(got)),
-            )
-            raise ValueError(
-                f"The AnnData has {len(got)} genes but the model was trained on {len(expected)}, or in another order "
-                f"(first difference at position {first}). Subset and order it with adata[:, saved_genes] where "
-                "saved_genes are the training genes (PerturbDiff.load_registry / model.var_names)."
-            )
-
-
-def _check_setup_inputs(
-    adata: AnnData,
-    obs: pd.DataFrame,
-    perturbation_key,
-    control_value,
-    context_key,
-    batch_key,
-    matrix,
-    where: str,
-    combination_delimiter: str | None = None,
-) -> None:
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        raise ValueError(f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
-    if getattr(adata, "is_view", False):
-        raise ValueError(
-            "The AnnData is a view (e.g. adata[mask]); setup would have to modify its parent. Make it "
-            "an object of its own first: adata = adata[mask].copy()."
-        )
-    if getattr(adata, "isbacked", False):
-        raise ValueError(
-            "Backed AnnData is not supported (set sampling needs random access in a fixed order); load "
-            "it into memory with adata.to_memory() or anndata.read_h5ad(path) without backed=."
-        )
-    for key, arg in ((perturbation_key, "perturbation_key"), (context_key, "context_key"), (batch_key, "batch_key")):
-        check_obs_column(obs, key, arg)
-    check_control_value(obs[perturbation_key], control_value, perturbation_key)
-    n_perturbed = int((obs[perturbation_key].astype(str) != str(control_value)).sum())
-    if n_perturbed == 0:
-        raise ValueError(
-            f"Every cell of {perturbation_key!r} is the control {control_value!r}; PerturbDiff needs "
-            "perturbed cells to learn from."
-        )
-    check_delimiter(combination_delimiter)
-    check_labels(pd.unique(obs[perturbation_key].astype(str)), combination_delimiter, control_value, perturbation_key)
-    check_log_normalised(matrix, where)
-
-
-def _check_predict_args(n_cells, n_populations, guidance_scale, n_steps, n_timesteps, sampler, batch_size):
-    """Validate the numeric options of ``predict_population``; return the counts as ints."""
-    if not isinstance(guidance_scale, int | float | np.number) or not np.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0 (0 = no guidance); got {guidance_scale!r}.")
-    if sampler not in ("ddim", "ddpm"):
-        raise ValueError(f"sampler must be 'ddim' or 'ddpm'; got {sampler!r}.")
-    return (
-        None if n_cells is None else positive_int(n_cells, "n_cells", allow_none=True),
-        positive_int(n_populations, "n_populations"),
-        positive_int(n_steps, "n_steps", upper=n_timesteps, upper_name="n_timesteps"),
-        positive_int(batch_size, "batch_size"),
-    )
-
-
-def _as_list(values, name: str) -> list:
-    if isinstance(values, str | int | bool | np.integer) or not isinstance(values, Sequence | np.ndarray | pd.Index):
-        return [values]
-    if len(values) == 0:
-        raise ValueError(f"{name} is empty; give at least one value (or None for all, where allowed).")
-    return list(values)

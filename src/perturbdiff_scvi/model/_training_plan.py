@@ -29,7 +29,8 @@ class DiffusionTrainingPlan(TrainingPlan):
     lr
         Peak learning rate.
     weight_decay
-        AdamW weight decay (not applied to biases, norms and embeddings: parameters with < 2 dims).
+        AdamW weight decay, applied to the parameters with >= 2 dims (weight matrices and the covariate
+        embedding tables), not to biases, norm weights and null embeddings (< 2 dims).
     warmup_steps
         Linear warm-up steps (capped at a tenth of the run).
     plateau
@@ -75,5 +76,8 @@ class DiffusionTrainingPlan(TrainingPlan):
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # The EMA follows optimiser steps, not batches: under gradient accumulation Lightning calls this once
+        # per ``accumulate_grad_batches`` batches.
+        super().optimizer_step(*args, **kwargs)
         self.module.update_ema()

@@ -11,6 +11,7 @@ from typing import Literal
 
 import torch
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from .._constants import PDIFF_KEYS
 from ..diffusion import GaussianDiffusion, sample_loop
@@ -186,13 +187,14 @@ class PerturbDiffModule(BaseModuleClass):
     @torch.no_grad()
     def update_ema(self) -> None:
         """One EMA step (call after each optimiser step); warm-up ``min(decay, (1 + n) / (10 + n))``."""
-        self.ema_updates += 1
-        n = int(self.ema_updates)
-        if n % self.ema_every:
-            return
-        decay = min(self.ema_decay, (1 + n / self.ema_every) / (10 + n / self.ema_every))
-        # One fused call: a Ctrl+C cannot leave the EMA half-updated.
-        torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.denoiser.parameters()], 1 - decay)
+        n = int(self.ema_updates) + 1
+        if n % self.ema_every == 0:
+            decay = min(self.ema_decay, (1 + n / self.ema_every) / (10 + n / self.ema_every))
+            # One multi-tensor call (public torch API; ema = decay * ema + (1 - decay) * p for every tensor at
+            # once): a Ctrl+C cannot leave the EMA half-updated. The third argument (number averaged) is unused.
+            ema_multi_avg = get_ema_multi_avg_fn(decay)
+            ema_multi_avg(list(self.ema.parameters()), [p.detach() for p in self.denoiser.parameters()], n)
+        self.ema_updates += 1  # counted after the update, so an interrupted update is not counted
 
     # ----------------------------------------------------------------- sampling
     @torch.inference_mode()

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from scipy import sparse
 
+from .._validation import check_obs_column, dense_rows, expression_matrix
 from ..metrics import (
     baseline_normalized_score,
     de_metrics,
@@ -46,10 +46,8 @@ METRIC_BEST: dict[str, int] = {
 }
 
 
-def _matrix(adata: AnnData, layer: str | None, rows: np.ndarray) -> np.ndarray:
-    x = adata.X if layer is None else adata.layers[layer]
-    x = x[rows]
-    return np.asarray(x.toarray() if sparse.issparse(x) else x, dtype=np.float64)
+def _matrix(adata: AnnData, layer: str | None, rows: np.ndarray, name: str) -> np.ndarray:
+    return dense_rows(expression_matrix(adata, layer, name=name), rows)
 
 
 def _rows(adata: AnnData, key: str | None, value, extra: tuple[str, object] | None = None) -> np.ndarray:
@@ -131,6 +129,13 @@ def evaluate(
     >>> table.pivot_table(index="metric", columns="method", values="value")
     """
     preds = {"model": predictions} if isinstance(predictions, AnnData) else dict(predictions)
+    for what, obj in {"real": real, "control": control, "pca_reference": pca_reference, **preds}.items():
+        if obj is not None and not isinstance(obj, AnnData):
+            raise TypeError(f"{what} must be an AnnData; got {type(obj).__name__}.")
+    for arg, key in (("perturbation_key", perturbation_key), ("context_key", context_key)):
+        check_obs_column(real.obs, key, arg, where="real.obs")
+        for name, ad in preds.items():
+            check_obs_column(ad.obs, key, arg, where=f"predictions[{name!r}].obs")
     for name, ad in preds.items():
         if not ad.var_names.equals(real.var_names):
             raise ValueError(
@@ -146,10 +151,13 @@ def evaluate(
         )
     rng = np.random.default_rng(seed)
     pca = fit_pca(
-        _matrix(pca_reference, layer, np.arange(pca_reference.n_obs))
+        _matrix(pca_reference, layer, np.arange(pca_reference.n_obs), "pca_reference")
         if pca_reference is not None
         else np.vstack(
-            [_matrix(control, layer, np.arange(control.n_obs)), _matrix(real, layer, np.arange(real.n_obs))]
+            [
+                _matrix(control, layer, np.arange(control.n_obs), "control"),
+                _matrix(real, layer, np.arange(real.n_obs), "real"),
+            ]
         ),
         n_comps=n_pcs,
         seed=seed,
@@ -159,9 +167,9 @@ def evaluate(
     records, deltas = [], {m: ({}, {}) for m in preds}
     for cond in conditions:
         pert, ctx = cond[0], (cond[1] if context_key is not None else None)
-        r = _matrix(real, layer, _rows(real, perturbation_key, pert, (context_key, ctx)))
+        r = _matrix(real, layer, _rows(real, perturbation_key, pert, (context_key, ctx)), "real")
         ctrl_key = context_key if context_key in control.obs.columns else None
-        c = _cap(_matrix(control, layer, _rows(control, ctrl_key, ctx)), max_cells, rng)
+        c = _cap(_matrix(control, layer, _rows(control, ctrl_key, ctx), "control"), max_cells, rng)
         if len(c) == 0:
             raise ValueError(f"`control` has no cell of context {ctx!r}; pass control cells of every held-out context.")
         top = top_de_genes(r, c, n=min(100, r.shape[1]))
@@ -171,7 +179,7 @@ def evaluate(
             rows = _rows(ad, perturbation_key, pert, (context_key, ctx))
             if len(rows) == 0:
                 continue
-            p = _matrix(ad, layer, rows)
+            p = _matrix(ad, layer, rows, f"predictions[{method!r}]")
             values = {
                 "mae": mae(p, r),
                 "mse": mse(p, r),

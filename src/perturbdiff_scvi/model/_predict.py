@@ -1,0 +1,326 @@
+"""Prediction: requested conditions, a plan of sets (``Job``), sampling, bias correction and the output AnnData."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+
+from .._constants import PDIFF_KEYS
+from .._output import population_adata
+from .._validation import as_list, find_category, optional_positive_int, positive_int
+from ..data import registered_codes
+from ._controls import ControlSource
+
+if TYPE_CHECKING:
+    from ._model import PerturbDiff
+
+Sampler = Literal["ddim", "ddpm"]
+SAMPLERS: tuple[str, ...] = ("ddim", "ddpm")
+
+
+class Condition(NamedTuple):
+    """One requested (perturbation, context, batch) population."""
+
+    label: str  # perturbation label in the output
+    pert: object  # what the module embeds: a registered code, or component codes (combinatorial)
+    code: int  # registered perturbation code, -1 for a combination never registered
+    ctx: int
+    batch: int
+    n: int  # cells per population
+
+
+class Job(NamedTuple):
+    """One set to generate: ``set_size`` cells of population ``population`` of ``conditions[condition]``."""
+
+    condition: int  # index into the list of conditions
+    population: int
+    control_rows: np.ndarray  # positions in the condition's control pool, one per generated cell
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """The checked sampling options of one ``predict_population`` call."""
+
+    n_steps: int
+    sampler: Sampler
+    guidance_scale: float
+    batch_size: int
+    use_ema: bool
+
+    @classmethod
+    def checked(cls, *, n_steps, sampler, guidance_scale, batch_size, use_ema, n_timesteps: int) -> SamplingOptions:
+        ok = isinstance(guidance_scale, int | float | np.number) and not isinstance(guidance_scale, bool)
+        if not ok or not np.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0 (0 = no guidance); got {guidance_scale!r}.")
+        if not isinstance(sampler, str) or sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be {' or '.join(map(repr, SAMPLERS))}; got {sampler!r}.")
+        if not isinstance(use_ema, bool | np.bool_):
+            raise ValueError(f"use_ema must be True or False; got {use_ema!r}.")
+        return cls(
+            n_steps=positive_int(n_steps, "n_steps", upper=n_timesteps, upper_name="n_timesteps"),
+            sampler=sampler,
+            guidance_scale=float(guidance_scale),
+            batch_size=positive_int(batch_size, "batch_size"),
+            use_ema=bool(use_ema),
+        )
+
+
+def zero_threshold_value(value, training_matrix) -> float | None:
+    """``zero_threshold`` as a float (``"auto"``: from the registered training matrix) or ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value == "auto":
+        from ..metrics import realistic_zero_threshold  # lazy: keeps the metrics package off import
+
+        return realistic_zero_threshold(training_matrix())
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number) or not np.isfinite(value):
+        raise ValueError(f"zero_threshold must be None, 'auto' or a finite number >= 0; got {value!r}.")
+    if value < 0:
+        raise ValueError(f"zero_threshold must be >= 0 (values below it become 0); got {value!r}.")
+    return float(value)
+
+
+def seen_code(model: PerturbDiff, key: str, value, codes: np.ndarray, what: str, obs_key: str | None) -> int:
+    """Registered code of ``value``, which must have training cells."""
+    code = find_category(model._mapping(key), value, what, str(obs_key))
+    if not np.any(codes == code):
+        raise ValueError(
+            f"The {what} {value!r} has no cells in the training data (it is only an unused category "
+            f"of {obs_key!r}), so the model never learned it."
+        )
+    return code
+
+
+def resolve_perturbation(model: PerturbDiff, value, codes: np.ndarray, obs_key: str) -> tuple[str, object, int]:
+    """``(label, what the module embeds, registered code or -1)`` of a requested perturbation.
+
+    Without ``combination_delimiter`` the module embeds the registered code; with it, the component
+    codes, which also exist for a combination that was never registered.
+    """
+    vocab = model._vocabulary
+    if vocab is None:
+        code = seen_code(model, PDIFF_KEYS.PERT_KEY, value, codes, "perturbation", obs_key)
+        return model._mapping(PDIFF_KEYS.PERT_KEY)[code], code, code
+    mapping = [str(v) for v in model._mapping(PDIFF_KEYS.PERT_KEY)]
+    code = mapping.index(str(value)) if str(value) in mapping else -1
+    if code >= 0 and np.any(codes == code):
+        return model._mapping(PDIFF_KEYS.PERT_KEY)[code], vocab.matrix[code][vocab.matrix[code] >= 0], code
+    return str(value), vocab.codes(value, vocab.seen_components(codes), obs_key), code
+
+
+def perturbation_tensor(perts: list) -> torch.Tensor:
+    """``(B,)`` registered codes, or ``(B, K)`` component codes padded with -1."""
+    if not isinstance(perts[0], np.ndarray):
+        return torch.tensor(perts)
+    out = torch.full((len(perts), max(1, max(len(p) for p in perts))), -1, dtype=torch.long)
+    for i, p in enumerate(perts):
+        out[i, : len(p)] = torch.from_numpy(p)
+    return out
+
+
+def plan(
+    perts: list[tuple[str, object, int]],
+    contexts: list[int],
+    batches: list[int] | None,
+    source: ControlSource,
+    codes: tuple[np.ndarray, ...],
+    *,
+    n_cells: int | None,
+    n_populations: int,
+    set_size: int,
+    rng: np.random.Generator,
+) -> tuple[list[Condition], list[Job]]:
+    """Every condition (perturbation x context x batch) and the sets that generate its populations."""
+    pert_codes, ctx_codes, batch_codes = codes
+    conditions: list[Condition] = []
+    jobs: list[Job] = []
+    for label, pert, code in perts:
+        for c in contexts:
+            for b in source.batches_for(c, batches):
+                pool = source.pool(c, b)
+                observed = int(np.sum((pert_codes == code) & (ctx_codes == c) & (batch_codes == b)))
+                n = n_cells or observed or len(pool)
+                conditions.append(Condition(label, pert, code, c, b, n))
+                for pop in range(n_populations):
+                    for _ in range(math.ceil(n / set_size)):
+                        jobs.append(Job(len(conditions) - 1, pop, rng.choice(len(pool), set_size)))
+    return conditions, jobs
+
+
+def sample_jobs(
+    module, jobs: list[Job], conditions: list[Condition], source: ControlSource, options: SamplingOptions, gen
+) -> list[np.ndarray]:
+    """Generate every job's set, ``options.batch_size`` sets per forward pass: a list of ``(S, G)`` arrays."""
+    from scvi.utils import track
+
+    s = module.set_size
+    out = []
+    chunks = range(0, len(jobs), options.batch_size)
+    for start in track(chunks, description="Sampling sets", disable=len(chunks) < 2):
+        chunk = jobs[start : start + options.batch_size]
+        conds = [conditions[job.condition] for job in chunk]
+        x_ctrl = np.stack(
+            [source.rows(cond.ctx, cond.batch, job.control_rows) for cond, job in zip(conds, chunk, strict=True)]
+        )
+        x = module.sample(
+            torch.from_numpy(x_ctrl),  # (B, S, G)
+            perturbation_tensor([cond.pert for cond in conds]),
+            torch.tensor([cond.ctx for cond in conds]),
+            torch.tensor([cond.batch for cond in conds]),
+            n_steps=options.n_steps,
+            sampler=options.sampler,
+            guidance_scale=options.guidance_scale,
+            generator=gen,
+            use_ema=options.use_ema,
+        )
+        out.extend(x.cpu().numpy().reshape(len(chunk), s, -1))
+    return out
+
+
+def subtract_control_bias(
+    jobs: list[Job], conditions: list[Condition], cells: list[np.ndarray], regenerated, source: ControlSource
+) -> list[np.ndarray]:
+    """Per condition: subtract the per-gene mean error of the regenerated controls against their control cells."""
+    error_sum, n_sets = {}, {}
+    for job, ctrl_generated in zip(jobs, regenerated, strict=True):
+        cond = conditions[job.condition]
+        error = ctrl_generated.mean(0) - source.rows(cond.ctx, cond.batch, job.control_rows).mean(0)
+        error_sum[job.condition] = error_sum.get(job.condition, 0.0) + error
+        n_sets[job.condition] = n_sets.get(job.condition, 0) + 1
+    return [
+        np.maximum(x - error_sum[job.condition] / n_sets[job.condition], 0.0).astype(x.dtype)
+        for job, x in zip(jobs, cells, strict=True)
+    ]
+
+
+def assemble(
+    model: PerturbDiff,
+    conditions: list[Condition],
+    jobs: list[Job],
+    cells: list[np.ndarray],
+    n_populations: int,
+    uns: dict,
+) -> AnnData:
+    """The output AnnData: each population cut to its condition's ``n`` cells, in condition order."""
+    by_pop: dict[tuple[int, int], list[np.ndarray]] = {}
+    for job, x in zip(jobs, cells, strict=True):
+        by_pop.setdefault((job.condition, job.population), []).append(x)
+    blocks, meta = [], {"pert": [], "ctx": [], "batch": [], "population": []}
+    for ci, cond in enumerate(conditions):
+        for pop in range(n_populations):
+            blocks.append(np.concatenate(by_pop[(ci, pop)])[: cond.n])
+            for name, value in {"pert": ci, "ctx": cond.ctx, "batch": cond.batch, "population": pop}.items():
+                meta[name].extend([value] * cond.n)
+    # Registered labels keep their registry order; combinations never registered follow as requested.
+    order = sorted(range(len(conditions)), key=lambda i: (conditions[i].code < 0, conditions[i].code, i))
+    labels = list(dict.fromkeys(conditions[i].label for i in order))  # keeps the user's value types
+    pert_key, ctx_key, batch_key = (model._setup_arg(k) for k in ("perturbation_key", "context_key", "batch_key"))
+    obs = {pert_key: pd.Categorical.from_codes([labels.index(conditions[i].label) for i in meta["pert"]], labels)}
+    for key, reg, values in (
+        (ctx_key, PDIFF_KEYS.CONTEXT_KEY, meta["ctx"]),
+        (batch_key, PDIFF_KEYS.BATCH_KEY, meta["batch"]),
+    ):
+        if key is not None:
+            used = sorted(set(values))
+            obs[key] = pd.Categorical.from_codes([used.index(c) for c in values], categories=model._mapping(reg)[used])
+    return population_adata(
+        np.concatenate(blocks),
+        obs=obs,
+        population=np.asarray(meta["population"]),
+        var_names=model.var_names,
+        name_prefix="perturbdiff",
+        uns_key="perturbdiff",
+        uns=uns,
+    )
+
+
+def predict(
+    model: PerturbDiff,
+    perturbations,
+    contexts,
+    batches,
+    *,
+    control_adata: AnnData | None,
+    n_cells,
+    n_populations,
+    options: SamplingOptions,
+    seed: int | None,
+    bias_correction: bool,
+    zero_threshold,
+) -> AnnData:
+    """What ``PerturbDiff.predict_population`` does, with its arguments checked here (see its docstring)."""
+    module = model.module
+    n_cells = optional_positive_int(n_cells, "n_cells")
+    n_populations = positive_int(n_populations, "n_populations")
+    zero_threshold = zero_threshold_value(
+        zero_threshold, lambda: model.adata_manager.get_from_registry(PDIFF_KEYS.X_KEY)
+    )
+    perturbations = as_list(perturbations, "perturbations")
+    pert_key, ctx_key, batch_key = (model._setup_arg(k) for k in ("perturbation_key", "context_key", "batch_key"))
+    codes = registered_codes(model.adata_manager)
+    pert_codes, ctx_codes, _ = codes
+    perts = [resolve_perturbation(model, v, pert_codes, pert_key) for v in perturbations]
+    if contexts is None:
+        c_ids = np.unique(ctx_codes).tolist()
+    else:
+        c_ids = [
+            seen_code(model, PDIFF_KEYS.CONTEXT_KEY, v, ctx_codes, "context", ctx_key)
+            for v in as_list(contexts, "contexts")
+        ]
+    if batches is not None and batch_key is None:
+        raise ValueError(
+            f"batches={batches!r} was given, but the model was set up without batch_key; pass batches=None "
+            "(or set up with batch_key= and retrain)."
+        )
+    b_req = (
+        None
+        if batches is None
+        else [
+            find_category(model._mapping(PDIFF_KEYS.BATCH_KEY), v, "batch", str(batch_key))
+            for v in as_list(batches, "batches")
+        ]
+    )
+    source = ControlSource(model, control_adata, codes)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    conditions, jobs = plan(
+        perts,
+        c_ids,
+        b_req,
+        source,
+        codes,
+        n_cells=n_cells,
+        n_populations=n_populations,
+        set_size=module.set_size,
+        rng=rng,
+    )
+    cells = sample_jobs(module, jobs, conditions, source, options, gen)
+    if bias_correction:
+        label, pert, code = resolve_perturbation(model, model._setup_arg("control_value"), pert_codes, pert_key)
+        as_control = [cond._replace(label=label, pert=pert, code=code) for cond in conditions]
+        regenerated = sample_jobs(module, jobs, as_control, source, options, gen)
+        cells = subtract_control_bias(jobs, conditions, cells, regenerated, source)
+    if zero_threshold is not None:
+        from ..metrics import zero_small_values
+
+        cells = [zero_small_values(x, zero_threshold) for x in cells]
+    uns = {
+        "perturbations": [str(v) for v in perturbations],
+        "n_populations": n_populations,
+        "guidance_scale": options.guidance_scale,
+        "n_steps": options.n_steps,
+        "sampler": options.sampler,
+        "seed": "None" if seed is None else int(seed),
+        "set_size": int(module.set_size),
+        "use_ema": options.use_ema,
+        "controls": source.label,
+        "bias_correction": bool(bias_correction),
+        "zero_threshold": "None" if zero_threshold is None else float(zero_threshold),
+    }
+    return assemble(model, conditions, jobs, cells, n_populations, uns)

@@ -5,7 +5,8 @@ E-distance, CellFlow for the RBF MMD, scGen / CPA for the R² of means). Modules
 
 - ``_distribution``: :func:`energy_distance` (alias :func:`e_distance`), :func:`mmd_rbf`, :func:`fit_pca`;
 - ``_expression``: pseudobulk errors, :func:`pearson_delta`, :func:`r2_mean`, :func:`discrimination_score`,
-  :func:`de_metrics`, :func:`baseline_normalized_score`;
+  :func:`baseline_normalized_score`;
+- ``_de_agreement``: :func:`de_metrics` (cell-eval's DE agreement between two DE tables);
 - ``_de``: :func:`differential_expression` (pdex's DE table) and :func:`top_de_genes` (scanpy Wilcoxon);
 - ``_sparsity``: :func:`realistic_zero_threshold`, :func:`zero_small_values`.
 """
@@ -18,10 +19,10 @@ from ._de import (
     pseudobulk_geometric,
     top_de_genes,
 )
+from ._de_agreement import de_metrics
 from ._distribution import DEFAULT_MMD_GAMMAS, PCAProjection, e_distance, energy_distance, fit_pca, mmd_rbf
 from ._expression import (
     baseline_normalized_score,
-    de_metrics,
     discrimination_score,
     mae,
     mse,

@@ -13,11 +13,10 @@ import pytest
 
 def test_quickstart_cli_writes_outputs(scvi_module, tmp_path, capsys):
     import anndata as ad
-
-    from perturbdiff_scvi.__main__ import main
-
     import numpy as np
     import torch
+
+    from perturbdiff_scvi.__main__ import main
 
     out = tmp_path / "qs"
     torch_state, numpy_state = torch.random.get_rng_state(), np.random.get_state()[1].copy()

@@ -32,7 +32,7 @@ def _data(seed: int = 0) -> AnnData:
 
 
 @pytest.fixture(scope="module")
-def table():
+def inputs():
     adata = _data()
     held = ((adata.obs.ctx == "c2") & (adata.obs.pert != "ctrl")).to_numpy()
     train, real = adata[~held].copy(), adata[held].copy()
@@ -45,6 +45,12 @@ def table():
     import anndata as ad
 
     preds = {k: ad.concat(v, index_unique="-") for k, v in methods.items()}
+    return preds, real, control, train
+
+
+@pytest.fixture(scope="module")
+def table(inputs):
+    preds, real, control, train = inputs
     return tl.evaluate(preds, real, control, perturbation_key="pert", context_key="ctx", pca_reference=train, n_pcs=10)
 
 
@@ -60,6 +66,7 @@ def test_tidy_layout(table):
         "mmd_rbf",
         "overlap_at_N",
         "discrimination_score_l1",
+        *tl.REALISM_METRICS,
     }
     assert expected <= set(table["metric"])
     assert not table.duplicated(["method", "perturbation", "context", "metric"]).any()
@@ -89,3 +96,37 @@ def test_mismatched_genes_are_refused():
         tl.evaluate({"m": adata[:, 1:].copy()}, adata, adata, perturbation_key="pert", context_key="ctx", baseline=None)
     with pytest.raises(ValueError, match="baseline='cell_mean' is not one of the methods"):
         tl.evaluate({"m": adata}, adata, adata, perturbation_key="pert", context_key="ctx")
+
+
+def test_realism_rows(table):
+    v = table.pivot_table(index=["perturbation", "metric"], columns="method", values="value")
+    for pert in ("A", "B"):
+        # the cell-mean baseline puts every cell at one point: separable, unmixed, no spread
+        assert v.loc[(pert, "c2st_auroc"), "cell_mean"] == 1.0
+        assert v.loc[(pert, "knn_mixing"), "cell_mean"] == 0.0
+        assert v.loc[(pert, "spread_ratio_mean_abs_log"), "cell_mean"] == pytest.approx(np.log(1e3))
+        # the additive shift moves real control cells onto the perturbed cloud: closer to real than control
+        assert v.loc[(pert, "c2st_auroc"), "additive"] < v.loc[(pert, "c2st_auroc"), "control"]
+        assert v.loc[(pert, "knn_mixing"), "additive"] > v.loc[(pert, "knn_mixing"), "control"]
+        assert v.loc[(pert, "spread_ratio_mean_abs_log"), "additive"] < 0.5
+        # control cells are real cells of the training data: as sparse as real, never out of range
+        assert 0.9 < v.loc[(pert, "detected_genes_ratio"), "control"] < 1.1
+        assert v.loc[(pert, "out_of_range_fraction"), "control"] == 0.0
+        assert v.loc[(pert, "max_over_training"), "control"] <= 1.0
+    # c2st's best value is 0.5: no normalised score; the two error-like realism rows have one
+    rows = table[table["method"] == "additive"].set_index(["perturbation", "metric"])["normalized_score"]
+    assert rows.loc[(slice(None), "c2st_auroc")].isna().all()
+    assert rows.loc[(slice(None), "spread_ratio_mean_abs_log")].notna().all()
+    assert "c2st_auroc" not in tl.METRIC_BEST and tl.METRIC_BEST["out_of_range_fraction"] == 0
+
+
+def test_realism_false_leaves_the_other_rows_unchanged(inputs, table):
+    preds, real, control, train = inputs
+    plain = tl.evaluate(
+        preds, real, control, perturbation_key="pert", context_key="ctx", pca_reference=train, n_pcs=10, realism=False
+    )
+    assert not set(tl.REALISM_METRICS) & set(plain["metric"])
+    rest = table[~table["metric"].isin(tl.REALISM_METRICS)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(plain, rest)
+    with pytest.raises(TypeError, match="realism"):
+        tl.evaluate(preds, real, control, perturbation_key="pert", context_key="ctx", realism="yes")

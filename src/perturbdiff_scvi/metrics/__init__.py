@@ -8,7 +8,10 @@ E-distance, CellFlow for the RBF MMD, scGen / CPA for the R² of means). Modules
   :func:`baseline_normalized_score`;
 - ``_de_agreement``: :func:`de_metrics` (cell-eval's DE agreement between two DE tables);
 - ``_de``: :func:`differential_expression` (pdex's DE table) and :func:`top_de_genes` (scanpy Wilcoxon);
-- ``_sparsity``: :func:`realistic_zero_threshold`, :func:`zero_small_values`.
+- ``_sparsity``: :func:`realistic_zero_threshold`, :func:`zero_small_values`;
+- ``_realism``: whether a predicted population looks like real cells: :func:`c2st_auroc` /
+  :func:`c2st_ceiling` (classifier two-sample test), :func:`knn_mixing` / :func:`knn_mixing_ceiling`,
+  :func:`spread_ratio`, :func:`detected_genes`, :func:`out_of_range_fraction`, :func:`max_over_training`.
 """
 
 from ._de import (
@@ -29,6 +32,16 @@ from ._expression import (
     pearson_delta,
     r2_mean,
 )
+from ._realism import (
+    c2st_auroc,
+    c2st_ceiling,
+    detected_genes,
+    knn_mixing,
+    knn_mixing_ceiling,
+    max_over_training,
+    out_of_range_fraction,
+    spread_ratio,
+)
 from ._sparsity import realistic_zero_threshold, zero_small_values
 
 __all__ = [
@@ -37,20 +50,28 @@ __all__ = [
     "PCAProjection",
     "baseline_normalized_score",
     "benjamini_hochberg",
+    "c2st_auroc",
+    "c2st_ceiling",
     "de_metrics",
+    "detected_genes",
     "differential_expression",
     "discrimination_score",
     "e_distance",
     "energy_distance",
     "fit_pca",
+    "knn_mixing",
+    "knn_mixing_ceiling",
     "log2_fold_change",
     "mae",
+    "max_over_training",
     "mmd_rbf",
     "mse",
+    "out_of_range_fraction",
     "pearson_delta",
     "pseudobulk_geometric",
     "r2_mean",
     "realistic_zero_threshold",
+    "spread_ratio",
     "top_de_genes",
     "zero_small_values",
 ]

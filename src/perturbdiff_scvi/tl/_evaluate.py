@@ -10,22 +10,30 @@ from anndata import AnnData
 
 from .._validation import check_obs_column, dense_rows, expression_matrix
 from ..metrics import (
+    PCAProjection,
     baseline_normalized_score,
+    c2st_auroc,
     de_metrics,
+    detected_genes,
     differential_expression,
     discrimination_score,
     e_distance,
     fit_pca,
+    knn_mixing,
     mae,
+    max_over_training,
     mmd_rbf,
     mse,
+    out_of_range_fraction,
     pearson_delta,
     r2_mean,
+    spread_ratio,
     top_de_genes,
 )
 
 #: Best value of each reported metric (1: higher is better, bounded by 1; 0: an error). Metrics with
-#: another range (E-distance, MMD) get no normalised score.
+#: another range get no normalised score: E-distance, MMD, ``c2st_auroc`` (best 0.5, not 0 or 1),
+#: ``knn_mixing``, ``detected_genes_ratio`` and ``max_over_training`` (best 1 but not bounded by it).
 METRIC_BEST: dict[str, int] = {
     "mae": 0,
     "mse": 0,
@@ -43,7 +51,22 @@ METRIC_BEST: dict[str, int] = {
     "discrimination_score_l1": 1,
     "discrimination_score_l2": 1,
     "discrimination_score_cosine": 1,
+    "spread_ratio_mean_abs_log": 0,
+    "out_of_range_fraction": 0,
 }
+
+#: Realism rows of :func:`evaluate` (``realism=True``), in the order they are added.
+REALISM_METRICS: tuple[str, ...] = (
+    "c2st_auroc",
+    "knn_mixing",
+    "spread_ratio_mean_abs_log",
+    "detected_genes_ratio",
+    "out_of_range_fraction",
+    "max_over_training",
+)
+
+#: Spread ratios are clipped to [1/1000, 1000] before the log, so a collapsed set (ratio 0) scores log(1000).
+_SPREAD_CLIP = 1e3
 
 
 def _matrix(adata: AnnData, layer: str | None, rows: np.ndarray, name: str) -> np.ndarray:
@@ -73,6 +96,7 @@ def evaluate(
     fdr: float = 0.05,
     max_cells: int | None = 2000,
     seed: int = 0,
+    realism: bool = True,
 ) -> pd.DataFrame:
     """Score predictions of several methods against real held-out cells, one row per (method, condition, metric).
 
@@ -86,11 +110,30 @@ def evaluate(
       of real vs control and predicted vs control (see :func:`~perturbdiff_scvi.metrics.de_metrics`);
     - ``e_distance`` (Euclidean, pertpy) and ``mmd_rbf`` (multi-gamma, CellFlow) on a PCA with ``n_pcs``
       components fitted on ``pca_reference`` (real training cells; default: ``control`` and ``real``);
-    - per method, across its conditions: ``discrimination_score_{l1,l2,cosine}`` (needs >= 2 conditions).
+    - per method, across its conditions: ``discrimination_score_{l1,l2,cosine}`` (needs >= 2 conditions);
+    - with ``realism=True`` (default), whether the predicted cells look like a sample of real cells
+      (:mod:`perturbdiff_scvi.metrics` realism functions, on the same PCA, cells capped at ``max_cells``,
+      seeded with ``seed``):
+
+      - ``c2st_auroc``: random-forest classifier two-sample test, 5 folds, first ``min(30, n_pcs)`` PCs;
+        0.5 = indistinguishable, 1 = separable;
+      - ``knn_mixing``: share of real cells among the 15 nearest neighbours of predicted cells over its value
+        under perfect mixing, same PCs; 1 = mixed, 0 = separate;
+      - ``spread_ratio_mean_abs_log``: ``mean_k |log(std_k pred / std_k real)|`` over the first 10 PCs,
+        ratios clipped to [1e-3, 1e3] (a collapsed set scores log(1000) = 6.9); 0 = same spread;
+      - ``detected_genes_ratio``: mean genes > 0 per predicted cell over the same per real cell; 1 = as
+        sparse as real;
+      - ``out_of_range_fraction``: share of predicted values above the per-gene maximum or below the minimum
+        of ``pca_reference`` (of ``control`` and ``real`` without it); 0 ideal;
+      - ``max_over_training``: largest per-gene ratio of the predicted to the reference maximum.
+
+      ``nan`` for the first three where a set has fewer than 2 cells. Pass ``pca_reference`` (real training
+      cells): a PCA fitted on the held-out cells themselves favours them in the first three.
 
     ``normalized_score`` scores each bounded metric against the ``baseline`` method on the same
     condition with cell-eval's normalisation (``(u - b) / (1 - b)``, or ``1 - u / b`` for errors, clipped
-    at 0); ``nan`` where it does not apply. DE metrics use the predictions as they are: apply
+    at 0); ``nan`` where it does not apply (it applies to the metrics in ``METRIC_BEST``; not to
+    ``c2st_auroc``, whose best value is 0.5). DE metrics use the predictions as they are: apply
     :func:`~perturbdiff_scvi.metrics.zero_small_values` first for a realistic zero pattern.
 
     Parameters
@@ -114,7 +157,11 @@ def evaluate(
     n_pcs, fdr
         PCA components; DE significance threshold.
     max_cells, seed
-        Cap on cells per set for the distributional metrics and DE (random subsample), and its seed.
+        Cap on cells per set for the distributional, realism and DE metrics (random subsample), and its seed.
+        The realism metrics draw their own subsamples from ``seed``, so they leave the other rows unchanged.
+    realism
+        Add the realism rows (listed above; ``REALISM_METRICS``). They cost most of the time of ``evaluate``
+        (the classifier is fitted 5 times per method and condition): pass ``False`` to skip them.
 
     Returns
     -------
@@ -149,8 +196,10 @@ def evaluate(
             f"baseline={baseline!r} is not one of the methods {list(preds)}; pass baseline=None or add "
             "it (e.g. perturbdiff_scvi.baselines.cell_mean_baseline)."
         )
+    if not isinstance(realism, (bool, np.bool_)):
+        raise TypeError(f"realism must be True or False; got {realism!r}.")
     rng = np.random.default_rng(seed)
-    pca = fit_pca(
+    reference = (
         _matrix(pca_reference, layer, np.arange(pca_reference.n_obs), "pca_reference")
         if pca_reference is not None
         else np.vstack(
@@ -158,10 +207,12 @@ def evaluate(
                 _matrix(control, layer, np.arange(control.n_obs), "control"),
                 _matrix(real, layer, np.arange(real.n_obs), "real"),
             ]
-        ),
-        n_comps=n_pcs,
-        seed=seed,
+        )
     )
+    pca = fit_pca(reference, n_comps=n_pcs, seed=seed)
+    # Two rows with the per-gene minimum and maximum: the same range as the whole reference, far smaller.
+    gene_range = np.vstack([reference.min(axis=0), reference.max(axis=0)]) if realism else None
+    del reference
     keys = [perturbation_key] + ([context_key] if context_key is not None else [])
     conditions = real.obs[keys].astype(str).drop_duplicates().itertuples(index=False, name=None)
     records, deltas = [], {m: ({}, {}) for m in preds}
@@ -205,6 +256,8 @@ def evaluate(
                     )
                 }
             )
+            if realism:
+                values.update(_realism_values(p, r, pca, gene_range, max_cells, seed))
             records += [(method, pert, ctx, k, float(v)) for k, v in values.items()]
             name = f"{pert}|{ctx}"
             deltas[method][0][name] = p.mean(0) - c.mean(0)
@@ -229,6 +282,31 @@ def evaluate(
             )
         table = table.drop(columns="_base")
     return table
+
+
+def _realism_values(
+    p: np.ndarray,
+    r: np.ndarray,
+    pca: PCAProjection,
+    gene_range: np.ndarray,
+    max_cells: int | None,
+    seed: int,
+) -> dict[str, float]:
+    """The realism rows of one (method, condition); ``nan`` for the set-level ones when a set has < 2 cells."""
+    values = dict.fromkeys(REALISM_METRICS, np.nan)
+    n = min(len(p), len(r), max_cells if max_cells is not None else len(p))
+    if n >= 2:
+        values["c2st_auroc"] = c2st_auroc(p, r, pca=pca, n_pcs=30, n_folds=min(5, n), max_cells=max_cells, seed=seed)
+        values["knn_mixing"] = knn_mixing(p, r, pca=pca, n_pcs=30, k=min(15, 2 * n - 1), max_cells=max_cells, seed=seed)
+        ratio = spread_ratio(p, r, pca=pca, n_pcs=10)
+        ratio = np.abs(np.log(np.clip(ratio[np.isfinite(ratio)], 1.0 / _SPREAD_CLIP, _SPREAD_CLIP)))
+        values["spread_ratio_mean_abs_log"] = float(ratio.mean()) if ratio.size else np.nan
+    real_detected = detected_genes(r).mean()
+    if real_detected > 0:
+        values["detected_genes_ratio"] = float(detected_genes(p).mean() / real_detected)
+    values["out_of_range_fraction"] = out_of_range_fraction(p, gene_range)
+    values["max_over_training"] = max_over_training(p, gene_range)
+    return values
 
 
 def _cap(x: np.ndarray, max_cells: int | None, rng: np.random.Generator) -> np.ndarray:

@@ -196,7 +196,7 @@ def test_last_step_returns_x0():
 
 def test_invalid_sampler():
     diffusion = GaussianDiffusion(10)
-    with pytest.raises(ValueError, match="sampler must be 'ddim' or 'ddpm'; got 'euler'"):
+    with pytest.raises(ValueError, match="sampler must be 'ddim', 'ddpm' or 'ddim_truncated'; got 'euler'"):
         sample_loop(lambda x_t, t, sc, d: x_t, diffusion, (1, 2, 3), n_steps=2, sampler="euler")
     with pytest.raises(ValueError, match="got 'bogus'"):
         next(sample_loop_progressive(lambda x_t, t, sc, d: x_t, diffusion, (1, 2, 3), sampler="bogus"))

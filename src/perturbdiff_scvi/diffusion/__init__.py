@@ -1,15 +1,29 @@
-"""Diffusion maths: schedules, Gaussian forward/reverse steps and sampling loops."""
+"""Diffusion maths: schedules, Gaussian forward/reverse steps, samplers and a trajectory diagnostic."""
 
+from ._diagnostics import RangeMonitor
 from ._gaussian import GaussianDiffusion
-from ._sampling import guided_x0, sample_loop, sample_loop_progressive
+from ._sampling import (
+    RELEASED_START_TIME,
+    SAMPLER_NAMES,
+    StepCallback,
+    guided_x0,
+    reverse_timesteps,
+    sample_loop,
+    sample_loop_progressive,
+)
 from ._schedules import cosine_beta_schedule, get_named_beta_schedule, linear_beta_schedule, space_timesteps
 
 __all__ = [
+    "RELEASED_START_TIME",
+    "SAMPLER_NAMES",
     "GaussianDiffusion",
+    "RangeMonitor",
+    "StepCallback",
     "cosine_beta_schedule",
     "get_named_beta_schedule",
     "guided_x0",
     "linear_beta_schedule",
+    "reverse_timesteps",
     "sample_loop",
     "sample_loop_progressive",
     "space_timesteps",

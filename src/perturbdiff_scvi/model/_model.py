@@ -31,7 +31,7 @@ from .._constants import PDIFF_KEYS
 from .._validation import find_category, optional_seed
 from ..data import SetDataSplitter
 from ..module import PerturbDiffModule
-from . import _io, _predict, _setup, _train
+from . import _io, _predict, _ranges, _setup, _train
 from ._presets import DEFAULT_GUIDANCE_SCALE, check_hyperparameters
 from ._training_plan import DiffusionTrainingPlan
 
@@ -74,6 +74,12 @@ class PerturbDiff(BaseModelClass):
     input_scale
         Expression is divided by this for diffusion. The released runs use 10 (``normalize_counts``); 1 trains
         far better in short CPU runs (see the README) and is the default here; ``PAPER_CONFIG`` uses 10.
+        ``"auto"`` (not in the released method) derives it from the registered training matrix: the root mean
+        square of its non-zero values, so that an expressed value has about unit size in diffusion space, like
+        the unit-variance noise, whether the data are sparse and low (bundled Kang: 95 % zeros, max 6.8 ->
+        about 1.08) or dense and high (Kang's 300 most expressed genes re-normalised to 1e4: max 8.8 -> about
+        3.8). The resolved float is what the module uses and what :meth:`save` stores (``model.module.input_scale``);
+        loading never recomputes it.
     energy_weight
         Weight of the set energy term in the loss (1 as released; 0 gives a per-cell MSE-only model).
     mse_weight
@@ -119,7 +125,7 @@ class PerturbDiff(BaseModelClass):
         n_cov_hidden: int | None = None,
         n_timesteps: int = 1000,
         beta_schedule: Literal["linear", "cosine"] = "linear",
-        input_scale: float = 1.0,
+        input_scale: float | Literal["auto"] = 1.0,
         energy_weight: float = 1.0,
         mse_weight: float = 1.0,
         p_drop_cond: float = 0.2,
@@ -128,6 +134,10 @@ class PerturbDiff(BaseModelClass):
         ema_every: int = 1,
     ):
         super().__init__(adata)
+        # resolved before init_params_ records the arguments, so that save / load keep the float
+        input_scale = _ranges.input_scale_value(
+            input_scale, lambda: self.adata_manager.get_from_registry(PDIFF_KEYS.X_KEY)
+        )
         hparams = check_hyperparameters(
             set_size=set_size, n_hidden=n_hidden, depth=depth, n_heads=n_heads, mlp_ratio=mlp_ratio, n_cov=n_cov,
             n_cov_hidden=n_cov_hidden, n_timesteps=n_timesteps, beta_schedule=beta_schedule, input_scale=input_scale,
@@ -511,18 +521,20 @@ class PerturbDiff(BaseModelClass):
         n_cells: int | None = None,
         n_populations: int = 1,
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-        n_steps: int = 50,
-        sampler: Literal["ddim", "ddpm"] = "ddim",
+        n_steps: int | None = None,
+        sampler: Literal["ddim", "ddpm", "ddim_truncated"] = "ddim",
         seed: int | None = None,
         batch_size: int = 16,
         use_ema: bool = True,
         bias_correction: bool = False,
         zero_threshold: float | Literal["auto"] | None = None,
+        start_time: int | None = None,
+        x0_bound: float | Literal["auto"] | None = None,
     ) -> AnnData:
         """Generate cell populations for (perturbation, context, batch) combinations.
 
-        Counts (``n_cells``, ``n_populations``, ``n_steps``, ``batch_size``) accept whole-number floats such as
-        ``2.0`` as integers; anything else raises a ``ValueError`` naming the argument.
+        Counts (``n_cells``, ``n_populations``, ``n_steps``, ``start_time``, ``batch_size``) accept whole-number
+        floats such as ``2.0`` as integers; anything else raises a ``ValueError`` naming the argument.
 
         Every requested perturbation is crossed with every requested context and batch. A combination
         never observed together in training works as long as the perturbation and the context were each
@@ -554,9 +566,16 @@ class PerturbDiff(BaseModelClass):
             default 0.5 was measured best for the small default model on the bundled data; the released
             value is 1.0 (use it with ``PAPER_CONFIG``).
         n_steps
-            Reverse steps, strided over the full schedule (1 to ``n_timesteps``).
+            Reverse steps of ``"ddim"`` / ``"ddpm"``, strided over the full schedule (1 to ``n_timesteps``);
+            ``None`` = 50. Not used by ``"ddim_truncated"`` (an explicit value raises a ``ValueError``).
         sampler
-            ``"ddim"`` (deterministic, eta = 0) or ``"ddpm"`` (ancestral).
+            ``"ddim"`` (deterministic, eta = 0, the default), ``"ddpm"`` (ancestral), or ``"ddim_truncated"``: the
+            sampler of the official release (method.md section 5), DDIM eta = 0 over ``t = start_time - 1, ..., 0``,
+            one step at a time on the full ``n_timesteps`` schedule, starting from pure noise ``N(0, I)`` placed at
+            ``t = start_time - 1`` (the release does not noise the control set or any data). With the released
+            ``start_time=100`` of T = 1000 this runs only the last 100 timesteps (``abar`` about 0.90 at the start),
+            not a 100-step DDIM over the whole range. Guidance, self-conditioning and the ``1e-4`` cutoff are the
+            same for all samplers.
         seed
             Seed of the control draws and the noise; the same seed gives the same cells.
         batch_size
@@ -576,6 +595,19 @@ class PerturbDiff(BaseModelClass):
             quantile of the non-zero registered training values
             (:func:`~perturbdiff_scvi.metrics.realistic_zero_threshold`), below which real data have almost no
             value. ``None`` (default) keeps the released output, where only values below ``1e-4`` are 0.
+        start_time
+            Only for ``sampler="ddim_truncated"``: its first timestep + 1, an integer from 1 to ``n_timesteps``;
+            ``None`` = the released 100 (or ``n_timesteps`` if smaller). Recorded in ``uns["perturbdiff"]`` (and
+            ``n_steps`` there is the number of steps run, ``start_time``); giving it with another sampler raises a
+            ``ValueError``.
+        x0_bound
+            Not in the released method (off by default). Cap the clean estimate ``x0`` at every reverse step (and so
+            the output) to ``[0, x0_bound]``, in the units of the expression: ``"auto"`` = 1.5 x each gene's maximum
+            in the registered training matrix (a gene never expressed in training is then predicted 0), a number
+            = one cap for every gene, ``None`` = no cap (values are only >= 0, as released). Each step's capped
+            estimate also drives the DDIM update and the self-conditioning, like a clipped ``x0`` in image
+            diffusion; with ``bias_correction`` the corrected values are capped again. Recorded in
+            ``uns["perturbdiff"]["x0_bound"]``.
 
         Returns
         -------
@@ -586,6 +618,9 @@ class PerturbDiff(BaseModelClass):
         --------
         >>> pred = model.predict_population("stimulated", contexts="CD4T", n_populations=3, seed=0)
         >>> sc.pl.umap(anndata.concat([real, pred], label="source"), color="condition")
+        >>> released = model.predict_population("stimulated", contexts="CD4T", sampler="ddim_truncated",
+        ...                                     start_time=100, guidance_scale=1.0, seed=0)
+        >>> bounded = model.predict_population("stimulated", contexts="CD4T", x0_bound="auto", seed=0)
         """
         self._check_if_trained(warn=True)
         options = _predict.SamplingOptions.checked(
@@ -595,6 +630,7 @@ class PerturbDiff(BaseModelClass):
             batch_size=batch_size,
             use_ema=use_ema,
             n_timesteps=self.module.diffusion.n_timesteps,
+            start_time=start_time,
         )
         return _predict.predict(
             self,
@@ -608,4 +644,5 @@ class PerturbDiff(BaseModelClass):
             seed=optional_seed(seed),
             bias_correction=bias_correction,
             zero_threshold=zero_threshold,
+            x0_bound=x0_bound,
         )

@@ -15,13 +15,18 @@ from .._constants import PDIFF_KEYS
 from .._output import population_adata
 from .._validation import as_list, find_category, optional_positive_int, positive_int
 from ..data import registered_codes
+from ..diffusion import RELEASED_START_TIME, SAMPLER_NAMES
+from ..diffusion._sampling import sampler_choices
 from ._controls import ControlSource
+from ._ranges import x0_bound_value
 
 if TYPE_CHECKING:
     from ._model import PerturbDiff
 
-Sampler = Literal["ddim", "ddpm"]
-SAMPLERS: tuple[str, ...] = ("ddim", "ddpm")
+Sampler = Literal["ddim", "ddpm", "ddim_truncated"]
+SAMPLERS: tuple[str, ...] = SAMPLER_NAMES
+#: Reverse steps of the strided samplers (``"ddim"``, ``"ddpm"``) when ``n_steps=None``.
+DEFAULT_N_STEPS = 50
 
 
 class Condition(NamedTuple):
@@ -45,29 +50,54 @@ class Job(NamedTuple):
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """The checked sampling options of one ``predict_population`` call."""
+    """The checked sampling options of one ``predict_population`` call.
+
+    ``n_steps`` is the number of reverse steps actually run (``start_time`` for ``"ddim_truncated"``);
+    ``start_time`` is ``None`` for the strided samplers.
+    """
 
     n_steps: int
     sampler: Sampler
     guidance_scale: float
     batch_size: int
     use_ema: bool
+    start_time: int | None = None
 
     @classmethod
-    def checked(cls, *, n_steps, sampler, guidance_scale, batch_size, use_ema, n_timesteps: int) -> SamplingOptions:
+    def checked(
+        cls, *, n_steps, sampler, guidance_scale, batch_size, use_ema, n_timesteps: int, start_time=None
+    ) -> SamplingOptions:
         ok = isinstance(guidance_scale, int | float | np.number) and not isinstance(guidance_scale, bool)
         if not ok or not np.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0 (0 = no guidance); got {guidance_scale!r}.")
         if not isinstance(sampler, str) or sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be {' or '.join(map(repr, SAMPLERS))}; got {sampler!r}.")
+            raise ValueError(f"sampler must be {sampler_choices()}; got {sampler!r}.")
         if not isinstance(use_ema, bool | np.bool_):
             raise ValueError(f"use_ema must be True or False; got {use_ema!r}.")
+        if sampler == "ddim_truncated":
+            if n_steps is not None:
+                raise ValueError(
+                    f"n_steps={n_steps!r} does not apply to sampler='ddim_truncated', which runs start_time single "
+                    "steps (t = start_time - 1, ..., 0); leave n_steps=None and set start_time= instead."
+                )
+            if start_time is None:
+                start_time = min(RELEASED_START_TIME, n_timesteps)
+            start_time = positive_int(start_time, "start_time", upper=n_timesteps, upper_name="n_timesteps")
+            n_steps = start_time
+        elif start_time is not None:
+            raise ValueError(
+                f"start_time={start_time!r} only applies to sampler='ddim_truncated'; sampler={sampler!r} strides "
+                "n_steps steps over the whole schedule. Leave start_time=None (or use sampler='ddim_truncated')."
+            )
+        else:
+            n_steps = DEFAULT_N_STEPS if n_steps is None else n_steps
         return cls(
             n_steps=positive_int(n_steps, "n_steps", upper=n_timesteps, upper_name="n_timesteps"),
             sampler=sampler,
             guidance_scale=float(guidance_scale),
             batch_size=positive_int(batch_size, "batch_size"),
             use_ema=bool(use_ema),
+            start_time=start_time,
         )
 
 
@@ -154,9 +184,23 @@ def plan(
 
 
 def sample_jobs(
-    module, jobs: list[Job], conditions: list[Condition], source: ControlSource, options: SamplingOptions, gen
+    module,
+    jobs: list[Job],
+    conditions: list[Condition],
+    source: ControlSource,
+    options: SamplingOptions,
+    gen,
+    x0_max: np.ndarray | float | None = None,
 ) -> list[np.ndarray]:
-    """Generate every job's set, ``options.batch_size`` sets per forward pass: a list of ``(S, G)`` arrays."""
+    """Generate every job's set, ``options.batch_size`` sets per forward pass: a list of ``(S, G)`` arrays.
+
+    ``x0_max`` (expression units, see ``x0_bound``) caps each step's clean estimate; ``None`` = no cap.
+    """
+    extra = {}
+    if options.start_time is not None:
+        extra["start_time"] = options.start_time
+    if x0_max is not None:
+        extra["x0_max"] = torch.as_tensor(x0_max)
     from scvi.utils import track
 
     s = module.set_size
@@ -178,6 +222,7 @@ def sample_jobs(
             guidance_scale=options.guidance_scale,
             generator=gen,
             use_ema=options.use_ema,
+            **extra,
         )
         out.extend(x.cpu().numpy().reshape(len(chunk), s, -1))
     return out
@@ -253,14 +298,15 @@ def predict(
     seed: int | None,
     bias_correction: bool,
     zero_threshold,
+    x0_bound=None,
 ) -> AnnData:
     """What ``PerturbDiff.predict_population`` does, with its arguments checked here (see its docstring)."""
     module = model.module
     n_cells = optional_positive_int(n_cells, "n_cells")
     n_populations = positive_int(n_populations, "n_populations")
-    zero_threshold = zero_threshold_value(
-        zero_threshold, lambda: model.adata_manager.get_from_registry(PDIFF_KEYS.X_KEY)
-    )
+    training_matrix = lambda: model.adata_manager.get_from_registry(PDIFF_KEYS.X_KEY)
+    zero_threshold = zero_threshold_value(zero_threshold, training_matrix)
+    x0_max = x0_bound_value(x0_bound, training_matrix)
     perturbations = as_list(perturbations, "perturbations")
     pert_key, ctx_key, batch_key = (model._setup_arg(k) for k in ("perturbation_key", "context_key", "batch_key"))
     codes = registered_codes(model.adata_manager)
@@ -300,12 +346,14 @@ def predict(
         set_size=module.set_size,
         rng=rng,
     )
-    cells = sample_jobs(module, jobs, conditions, source, options, gen)
+    cells = sample_jobs(module, jobs, conditions, source, options, gen, x0_max)
     if bias_correction:
         label, pert, code = resolve_perturbation(model, model._setup_arg("control_value"), pert_codes, pert_key)
         as_control = [cond._replace(label=label, pert=pert, code=code) for cond in conditions]
-        regenerated = sample_jobs(module, jobs, as_control, source, options, gen)
+        regenerated = sample_jobs(module, jobs, as_control, source, options, gen, x0_max)
         cells = subtract_control_bias(jobs, conditions, cells, regenerated, source)
+        if x0_max is not None:  # the correction may shift values up again: keep the documented bound
+            cells = [np.minimum(x, x0_max).astype(x.dtype) for x in cells]
     if zero_threshold is not None:
         from ..metrics import zero_small_values
 
@@ -316,11 +364,13 @@ def predict(
         "guidance_scale": options.guidance_scale,
         "n_steps": options.n_steps,
         "sampler": options.sampler,
+        "start_time": "None" if options.start_time is None else int(options.start_time),
         "seed": "None" if seed is None else int(seed),
         "set_size": int(module.set_size),
         "use_ema": options.use_ema,
         "controls": source.label,
         "bias_correction": bool(bias_correction),
         "zero_threshold": "None" if zero_threshold is None else float(zero_threshold),
+        "x0_bound": "None" if x0_bound is None else (x0_bound if isinstance(x0_max, np.ndarray) else float(x0_max)),
     }
     return assemble(model, conditions, jobs, cells, n_populations, uns)

@@ -14,7 +14,7 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from .._constants import PDIFF_KEYS
-from ..diffusion import GaussianDiffusion, sample_loop
+from ..diffusion import GaussianDiffusion, StepCallback, sample_loop
 from ..nn import SetDiT
 from ._losses import energy_distance, per_set_mse
 
@@ -206,15 +206,25 @@ class PerturbDiffModule(BaseModuleClass):
         batch: torch.Tensor,
         *,
         n_steps: int = 50,
-        sampler: Literal["ddim", "ddpm"] = "ddim",
+        sampler: Literal["ddim", "ddpm", "ddim_truncated"] = "ddim",
         guidance_scale: float = 1.0,
         generator: torch.Generator | None = None,
         use_ema: bool = True,
+        start_time: int | None = None,
+        x0_max: torch.Tensor | float | None = None,
+        step_callback: StepCallback | None = None,
     ) -> torch.Tensor:
         """Generate perturbed sets ``(B, S, G)`` (expression scale) for controls ``x_ctrl`` ``(B, S, G)``.
 
         ``pert`` holds registered perturbation codes ``(B,)`` or, with combinatorial perturbations,
         component codes ``(B, K)`` (``-1`` = padding), which also reach combinations never trained on.
+
+        ``sampler`` and ``start_time`` are as in :func:`~perturbdiff_scvi.diffusion.sample_loop_progressive`
+        (``"ddim_truncated"`` is the released sampler; ``n_steps`` does not apply to it). ``x0_max`` (expression
+        units: a float or a per-gene ``(G,)`` tensor; ``None`` = no cap) caps each step's clean estimate, so the
+        output lies in ``[0, x0_max]``. ``step_callback(t, x_t, x0)`` sees every step's state and estimate in
+        expression units (multiplied back by ``input_scale``), e.g. a
+        :class:`~perturbdiff_scvi.diffusion.RangeMonitor`.
         """
         net = self.ema if use_ema else self.denoiser
         device = next(net.parameters()).device
@@ -227,6 +237,15 @@ class PerturbDiffModule(BaseModuleClass):
         def denoise(x_t, t, self_cond, drop: bool):
             return net(x_t, t, x_ctrl, pert, ctx, batch, self_cond, keep | drop)
 
+        extra = {}
+        if start_time is not None:
+            extra["start_time"] = start_time
+        if x0_max is not None:
+            x0_max = torch.as_tensor(x0_max, dtype=x_ctrl.dtype, device=device)
+            extra["x0_max"] = x0_max / self.input_scale  # model space
+        if step_callback is not None:
+            scale = self.input_scale
+            extra["step_callback"] = lambda t, x_t, x0: step_callback(t, x_t * scale, x0 * scale)
         x0 = sample_loop(
             denoise,
             self.diffusion,
@@ -236,5 +255,7 @@ class PerturbDiffModule(BaseModuleClass):
             guidance_scale=guidance_scale,
             generator=generator,
             device=device,
+            **extra,
         )
-        return x0 * self.input_scale
+        out = x0 * self.input_scale
+        return out if x0_max is None else torch.minimum(out, x0_max)  # exact in expression units

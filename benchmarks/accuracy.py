@@ -68,6 +68,9 @@ MODEL_METHODS += ["PerturbDiff_corrected_zeroed"]
 METHODS = [*MODEL_METHODS, "control", "cell_mean", "additive", "additive_zeroed", "pooled"]
 METHODS += ["linear", "same_type_other_donor", "ceiling"]
 SUMMARY_METRICS = ["pearson_delta", "r2_top100_de", "e_distance", "overlap_at_N", "discrimination_score_l1", "mae"]
+#: Distribution-realism metrics of ``tl.evaluate`` (PCA and value range of the training cells) reported beside them.
+REALISM_METRICS = ["c2st_auroc", "knn_mixing", "spread_ratio_mean_abs_log", "detected_genes_ratio"]
+REALISM_METRICS += ["out_of_range_fraction", "max_over_training"]
 NORMAN_KEYS = {"perturbation_key": "perturbation", "context_key": None}
 NORMAN_FOLDS = {
     "doubles": ["KLF1+MAP2K6", "KLF1+TGFBR2", "MAP2K3+MAP2K6", "MAP2K3+SLC38A2", "MAPK1+TGFBR2"],
@@ -104,11 +107,43 @@ class Task(NamedTuple):
     quick: list[str]  # held-out cell types of --quick
 
 
+def kang_dense_panel(n_genes: int = 300):
+    """Stress case: Kang restricted to its ``n_genes`` most expressed genes (mean UMI counts), re-normalised over
+    them (``normalize_total(1e4)`` + ``log1p``): a dense panel of high values (about a third non-zero, up to ~8.8),
+    unlike the sparse 2,000-HVG Kang space the defaults were tuned on."""
+    adata = datasets.kang2018()
+    counts = adata.layers["counts"]
+    top = np.sort(np.argsort(-np.asarray(counts.mean(axis=0)).ravel(), kind="stable")[:n_genes])
+    panel = sc.AnnData(counts[:, top].astype(np.float32), obs=adata.obs[["condition", "cell_type"]].copy())
+    panel.var_names = adata.var_names[top]
+    panel.layers["counts"] = panel.X.copy()
+    sc.pp.normalize_total(panel, target_sum=1e4)
+    sc.pp.log1p(panel)
+    panel.X = np.asarray(panel.X.toarray() if hasattr(panel.X, "toarray") else panel.X, dtype=np.float32)
+    return panel
+
+
+def mcfaline():
+    """Stress case: the McFaline-Figueroa 2023 CRISPRi part of ``norman2019()`` (9 kinase knock-downs with weak
+    effects in the glioma lines A172, T98G, U87MG; 500 genes)."""
+    adata = datasets.norman2019()
+    adata = adata[mask(adata, "dataset", "mcfaline23")].copy()
+    for key in ("perturbation", "cell_type"):
+        adata.obs[key] = adata.obs[key].astype(str).astype("category")
+    return adata
+
+
 TASKS = {
     "kang": Task(datasets.kang2018, None, None, True, "CD4T", ["CD4T", "B"]),
     "kang_donors": Task(datasets.kang2018_donors, "donor", "107", False, "CD4 T cells", ["CD4 T cells", "B cells"]),
+    "kang_dense": Task(kang_dense_panel, None, None, False, "CD4T", ["CD4T", "B"]),
     "norman": Task(datasets.norman2019, None, None, False, "KLF1+MAP2K6", ["doubles"]),
+    "mcfaline": Task(mcfaline, None, None, False, "U87MG", ["U87MG"]),
 }
+#: Stress tasks (data unlike Kang / Norman): PerturbDiff should beat the additive baseline on these metrics.
+STRESS_TASKS = ("kang_dense", "kang_donors", "mcfaline")
+STRESS_METRICS = {"pearson_delta": 1, "mae": 0, "e_distance": 0, "c2st_auroc": 0}
+MCFALINE_KEYS = {"perturbation_key": "perturbation", "context_key": "cell_type"}
 
 
 def mask(adata, column, value):
@@ -208,11 +243,34 @@ def norman_folds(quick: bool):
         yield fold, train, {p: adata[mask(adata, "perturbation", p)].copy() for p in held_out}, control
 
 
-def run_norman_fold(fold, train, reals, control, args):
-    """One model for all held-out perturbations of a fold; per perturbation the tidy table and deltas."""
+def mcfaline_folds(quick: bool):
+    """Yield (held-out cell line, training AnnData, {perturbation: real cells of that line}, its control cells).
+
+    Every perturbed cell of the line is held out (its controls stay in training); each knock-down is predicted in
+    that line from the two other lines, like a held-out replicate."""
+    adata = mcfaline()
+    lines = TASKS["mcfaline"].quick if quick else list(adata.obs["cell_type"].cat.categories)
+    for line in lines:
+        in_line = mask(adata, "cell_type", line)
+        held = in_line & ~mask(adata, "perturbation", CONTROL)
+        train = adata[~held].copy()
+        perts = sorted(set(adata.obs["perturbation"][held].astype(str)))
+        reals = {p: adata[in_line & mask(adata, "perturbation", p)].copy() for p in perts}
+        yield line, train, reals, adata[in_line & mask(adata, "perturbation", CONTROL)].copy()
+
+
+def run_norman_fold(fold, train, reals, control, args, task: str = "norman"):
+    """One model for all held-out perturbations of a fold; per perturbation the tidy table and deltas.
+
+    ``task="mcfaline"``: the fold is a held-out cell line (``context_key="cell_type"``, no combinations)."""
     t0 = time.time()
     scvi.settings.seed = args.seed
-    PerturbDiff.setup_anndata(train, control_value=CONTROL, combination_delimiter="+", **NORMAN_KEYS)
+    if task == "norman":
+        keys, ctx, setup_extra, names = NORMAN_KEYS, None, {"combination_delimiter": "+"}, ("control", "cell_mean")
+        names += ("linear",)
+    else:
+        keys, ctx, setup_extra, names = MCFALINE_KEYS, fold, {}, tuple(BASELINES)
+    PerturbDiff.setup_anndata(train, control_value=CONTROL, **setup_extra, **keys)
     model = PerturbDiff(train)
     model.train(max_steps=args.max_steps, enable_progress_bar=False)
     threshold = realistic_zero_threshold(train.X)
@@ -220,17 +278,23 @@ def run_norman_fold(fold, train, reals, control, args):
     ctrl_mean = mean(control.X)
     for pert, real in reals.items():
         t1 = time.time()
-        preds = model_predictions(model, pert, threshold, n_cells=real.n_obs, seed=args.seed)
-        for name in ("control", "cell_mean", "linear"):
-            extra = {"combination_delimiter": "+"} if name == "linear" else {}
-            preds[name] = BASELINES[name](
-                train, pert, None, control_value=CONTROL, n_cells=real.n_obs, seed=args.seed, **NORMAN_KEYS, **extra
-            )
-        common = {"pca_reference": train, "seed": args.seed, **NORMAN_KEYS}
+        where = {} if ctx is None else {"contexts": ctx}
+        preds = model_predictions(model, pert, threshold, n_cells=real.n_obs, seed=args.seed, **where)
+        for name in names:
+            extra = {"combination_delimiter": "+"} if name == "linear" and task == "norman" else {}
+            try:
+                preds[name] = BASELINES[name](
+                    train, pert, ctx, control_value=CONTROL, n_cells=real.n_obs, seed=args.seed, **keys, **extra
+                )
+            except Exception as exc:  # noqa: BLE001 - a failing baseline is recorded as missing
+                logger.warning("%s / %s: baseline %r missing: %s", task, pert, name, exc)
+        common = {"pca_reference": train, "seed": args.seed, **keys}
         table = tl.evaluate(preds, real, control, baseline="cell_mean", **common)
-        half, reference = baselines.half_vs_half_ceiling(real, seed=args.seed, **NORMAN_KEYS)
+        half, reference = baselines.half_vs_half_ceiling(real, seed=args.seed, **keys)
         table = pd.concat([table, tl.evaluate({"ceiling": half}, reference, control, baseline=None, **common)])
-        tables.append(table.assign(task="norman", held_out=pert, context="k562"))
+        held_out = pert if task == "norman" else f"{pert}|{fold}"
+        tables.append(table.assign(task=task, held_out=held_out, context="k562" if ctx is None else ctx))
+        pert = held_out
         deltas[pert] = {m: pd.Series(mean(p.X) - ctrl_mean, index=real.var_names) for m, p in preds.items()}
         deltas[pert]["ceiling"] = pd.Series(mean(half.X) - ctrl_mean, index=real.var_names)
         real_deltas[pert] = {
@@ -251,26 +315,30 @@ def quiet_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run_job(task, payload, args):
-    """One held-out condition (or Norman fold); in a worker process when ``--jobs`` > 1."""
+def run_job(task, payload, args, seed):
+    """One held-out condition (or fold) with one seed; in a worker process when ``--jobs`` > 1."""
+    args = argparse.Namespace(**{**vars(args), "seed": seed})
     if args.jobs > 1:
         import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))
         quiet_logs()
-    if task == "norman":
-        return run_norman_fold(*payload, args)
+    if task in ("norman", "mcfaline"):
+        return run_norman_fold(*payload, args, task=task)
     return run_condition(task, *payload, args)
 
 
-def run_all(jobs, args) -> list:
-    """Results of ``run_job`` for every ``(task, payload)``, in order; ``args.jobs`` conditions at a time."""
+def run_all(jobs, args, seeds) -> dict:
+    """``{seed: results of run_job for every (task, payload), in order}``; ``args.jobs`` conditions at a time."""
+    todo = [(seed, task, payload) for seed in seeds for task, payload in jobs]
     if args.jobs <= 1:
-        return [run_job(task, payload, args) for task, payload in jobs]
-    context = multiprocessing.get_context("spawn")  # no fork after torch has started its threads
-    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-        futures = [pool.submit(run_job, task, payload, args) for task, payload in jobs]
-        return [f.result() for f in futures]
+        done = [run_job(task, payload, args, seed) for seed, task, payload in todo]
+    else:
+        context = multiprocessing.get_context("spawn")  # no fork after torch has started its threads
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+            futures = [pool.submit(run_job, task, payload, args, seed) for seed, task, payload in todo]
+            done = [f.result() for f in futures]
+    return {seed: done[i * len(jobs) : (i + 1) * len(jobs)] for i, seed in enumerate(seeds)}
 
 
 def discrimination(task, deltas, real_deltas):
@@ -286,7 +354,12 @@ def discrimination(task, deltas, real_deltas):
         real = {ct: d[ref][genes].to_numpy() for ct, d in real_deltas.items()}
         for metric in ("l1", "l2", "cosine"):
             for ct, v in discrimination_score(pred, real, metric=metric).items():
-                pert, ctx = (ct, "k562") if task == "norman" else (PERT, ct)
+                if task == "norman":
+                    pert, ctx = ct, "k562"
+                elif task == "mcfaline":
+                    pert, ctx = ct.split("|", 1)
+                else:
+                    pert, ctx = PERT, ct
                 records.append((task, ct, method, pert, ctx, f"discrimination_score_{metric}", float(v)))
     out = pd.DataFrame(records, columns=["task", "held_out", "method", "perturbation", "context", "metric", "value"])
     base = out[out["method"] == "cell_mean"].set_index(["held_out", "metric"])["value"]
@@ -308,12 +381,65 @@ def md_table(frame: pd.DataFrame, index_name: str) -> str:
     return "\n".join(lines)
 
 
-def method_means(results: pd.DataFrame, task: str) -> pd.DataFrame:
-    sub = results[(results["task"] == task) & results["metric"].isin(SUMMARY_METRICS)]
+def method_means(results: pd.DataFrame, task: str, metrics: list[str] = SUMMARY_METRICS) -> pd.DataFrame:
+    """Mean over held-out conditions (and seeds: the mean of the per-seed means, as every seed has the same
+    conditions)."""
+    sub = results[(results["task"] == task) & results["metric"].isin(metrics)]
     table = sub.pivot_table(index="method", columns="metric", values="value", aggfunc="mean")
-    table = table.reindex(columns=[m for m in SUMMARY_METRICS if m in table.columns])
+    table = table.reindex(columns=[m for m in metrics if m in table.columns])
     table["n_held_out"] = sub.groupby("method")["held_out"].nunique()
     return ordered(table)
+
+
+def per_seed_means(results: pd.DataFrame, task: str, metrics: list[str]) -> pd.DataFrame:
+    sub = results[(results["task"] == task) & results["metric"].isin(metrics)]
+    return sub.groupby(["seed", "method", "metric"])["value"].mean().unstack("metric")
+
+
+def seed_spread_table(results: pd.DataFrame, task: str) -> str:
+    """``mean ± sd`` over seeds of each method's per-seed mean, for the summary and realism metrics."""
+    per_seed = per_seed_means(results, task, SUMMARY_METRICS + REALISM_METRICS)
+    mean, sd = per_seed.groupby("method").mean(), per_seed.groupby("method").std(ddof=1)
+    cols = [m for m in SUMMARY_METRICS + REALISM_METRICS if m in mean.columns]
+    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for method in [m for m in METHODS if m in mean.index]:
+        cells = [f"{mean.loc[method, c]:.3f} ± {sd.loc[method, c]:.3f}" for c in cols]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def stress_check(results: pd.DataFrame, task: str) -> str:
+    """The stress-task targets: PerturbDiff beats the additive baseline on each of STRESS_METRICS (per-seed means,
+    compared seed by seed) and no predicted value exceeds 1.5x the training maximum of its gene."""
+    per_seed = per_seed_means(results, task, [*STRESS_METRICS, "max_over_training"])
+    lines = [f"Stress targets ({task}; per seed, PerturbDiff vs additive):", ""]
+    lines += ["| metric | better | seeds won | PerturbDiff | additive |", "|---|---|---|---|---|"]
+    for metric, best in STRESS_METRICS.items():
+        if metric not in per_seed.columns:
+            continue
+        ours = (
+            per_seed.xs("PerturbDiff", level="method")[metric]
+            if "PerturbDiff" in per_seed.index.get_level_values(1)
+            else None
+        )
+        base = (
+            per_seed.xs("additive", level="method")[metric]
+            if "additive" in per_seed.index.get_level_values(1)
+            else None
+        )
+        if ours is None or base is None:
+            continue
+        won = int(((ours > base) if best == 1 else (ours < base)).sum())
+        better = "higher" if best == 1 else "lower"
+        lines.append(f"| {metric} | {better} | {won}/{len(ours)} | {ours.mean():.3f} | {base.mean():.3f} |")
+    if "max_over_training" in per_seed.columns and "PerturbDiff" in per_seed.index.get_level_values(1):
+        worst = float(per_seed.xs("PerturbDiff", level="method")["max_over_training"].max())
+        verdict = "REACHED" if worst <= 1.5 else "NOT REACHED"
+        lines += [
+            "",
+            f"Largest predicted value over the gene's training maximum: {worst:.2f} (target <= 1.5: {verdict}).",
+        ]
+    return "\n".join(lines)
 
 
 def ordered(table: pd.DataFrame) -> pd.DataFrame:
@@ -329,7 +455,7 @@ def write_summary(out: Path, results: pd.DataFrame, run: dict, quick: bool) -> N
 
 Command: `{run["command"]}`
 
-Seed {run["seed"]}, max_steps {run["max_steps"] or "package default"}, {run["cpu_count"]} CPUs, total \
+Seeds {run["seeds"]}, max_steps {run["max_steps"] or "package default"}, {run["cpu_count"]} CPUs, total \
 {run["seconds"]["total"]} s. Values are means over held-out conditions (n_held_out: conditions with a value).
 PerturbDiff: package defaults (guidance_scale 0.5). PerturbDiff_guidance1: the same model sampled with the released
 guidance_scale=1. PerturbDiff_corrected: the same model with `predict_population(bias_correction=True)`
@@ -340,8 +466,17 @@ each predicted shift among the real shifts of the task's held-out conditions. Th
 held-out cells against the other half. Seconds per task: summed over its conditions (`--jobs` runs several at once).
 """
     lines = [header]
+    seeds = sorted(results["seed"].unique())
     for task in results["task"].unique():
         lines += [f"## {task}", "", md_table(method_means(results, task), "method"), ""]
+        realism = method_means(results, task, REALISM_METRICS)
+        if len(realism.columns) > 1:
+            lines += ["Realism and value range:", "", md_table(realism, "method"), ""]
+        if len(seeds) > 1:
+            lines += [f"Mean ± standard deviation over seeds {seeds} of the per-seed means:", ""]
+            lines += [seed_spread_table(results, task), ""]
+        if task in STRESS_TASKS:
+            lines += [stress_check(results, task), ""]
         if task == "kang_donors":
             lines += [DONORS_NOTE, ""]
         for ct in results.loc[results["task"] == task, "held_out"].unique():
@@ -407,7 +542,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--tasks", default="kang,kang_donors,norman")
     parser.add_argument("--max-steps", type=int, default=None, help="training steps (default: the package's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="one seed (default 0); see --seeds")
+    parser.add_argument(
+        "--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2: every model is trained once per seed and "
+        "the summary reports the mean and standard deviation over seeds of the per-seed means",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 held-out types, 30 steps, 300 HVGs")
     parser.add_argument(
         "--jobs", type=int, default=1, help="conditions trained at once, each on cpu_count / jobs threads (default 1)"
@@ -416,13 +555,20 @@ def main(argv=None) -> None:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if unknown := [t for t in tasks if t not in TASKS]:
         parser.error(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
+    try:
+        seeds = [args.seed] if args.seeds is None else [int(v) for v in args.seeds.split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds must name distinct seeds, got {args.seeds!r}")
     if args.quick and args.max_steps is None:
         args.max_steps = 30
     n_top_genes = 300 if args.quick else 2000
     quiet_logs()
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    run = {"command": shlex.join([sys.executable, *sys.argv]), "seed": args.seed, "max_steps": args.max_steps}
+    run = {"command": shlex.join([sys.executable, *sys.argv]), "seed": seeds[0], "seeds": seeds}
+    run["max_steps"] = args.max_steps
     run.update(quick=args.quick, tasks=tasks, n_top_genes_kang=n_top_genes, cpu_count=os.cpu_count(), jobs=args.jobs)
     run["versions"] = {p: version(p) for p in ("perturbdiff-scvi", "scvi-tools", "torch", "anndata", "scanpy")}
     run["versions"]["python"] = platform.python_version()
@@ -431,44 +577,57 @@ def main(argv=None) -> None:
     for task in tasks:
         if task == "norman":
             jobs += [(task, payload) for payload in norman_folds(args.quick)]
+        elif task == "mcfaline":
+            jobs += [(task, payload) for payload in mcfaline_folds(args.quick)]
         else:
             jobs += [(task, payload) for payload in conditions(task, args.quick, n_top_genes)]
-    outputs = run_all(jobs, args)
+    outputs_by_seed = run_all(jobs, args, seeds)
     tables, scatter = [], {}
+    run["conditions_by_seed"] = {}
+    for seed, outputs in outputs_by_seed.items():
+        conditions_of = run["conditions_by_seed"][str(seed)] = {}
+        seed_tables = []
+        for task in tasks:
+            deltas, real_deltas = {}, {}
+            conditions_of[task] = {}
+            for (job_task, payload), out in zip(jobs, outputs, strict=True):
+                if job_task != task:
+                    continue
+                if task in ("norman", "mcfaline"):
+                    fold_tables, fold_deltas, fold_real, facts = out
+                    seed_tables += fold_tables
+                    deltas.update(fold_deltas)
+                    real_deltas.update(fold_real)
+                    conditions_of[task].update(facts)
+                    secs = next(iter(facts.values()))["fold_seconds"]
+                    fold, _, reals, _ = payload
+                    print(f"[{task}] fold {fold}: held out {list(reals)}, {secs:.1f} s", flush=True)
+                    continue
+                ct = payload[0]
+                table, deltas[ct], real_deltas[ct], facts = out
+                seed_tables.append(table)
+                conditions_of[task][ct] = facts
+                n, steps, secs = facts["n_real"], facts["train_steps"], facts["seconds"]
+                print(f"[{task}] held out {ct}: {n} real cells, {steps} training steps, {secs:.1f} s", flush=True)
+            seed_tables.append(discrimination(task, deltas, real_deltas))
+            show = TASKS[task].show if TASKS[task].show in deltas else next(iter(deltas))
+            if seed == seeds[0]:
+                scatter[task] = (show, deltas[show]["PerturbDiff"].to_numpy(), real_deltas[show]["real"].to_numpy())
+            # Summed over the task's conditions (they may have run in parallel with other tasks' conditions).
+            facts = conditions_of[task].values()
+            if task in ("norman", "mcfaline"):
+                run["seconds"][f"{task}_seed{seed}"] = round(
+                    sum({f["fold"]: f["fold_seconds"] for f in facts}.values()), 1
+                )
+            else:
+                run["seconds"][f"{task}_seed{seed}"] = round(sum(f["seconds"] for f in facts), 1)
+        tables += [t.assign(seed=seed) for t in seed_tables if len(t)]
+    run["conditions"] = run["conditions_by_seed"][str(seeds[0])]
     for task in tasks:
-        deltas, real_deltas = {}, {}
-        run["conditions"][task] = {}
-        for (job_task, payload), out in zip(jobs, outputs, strict=True):
-            if job_task != task:
-                continue
-            if task == "norman":
-                fold_tables, fold_deltas, fold_real, facts = out
-                tables += fold_tables
-                deltas.update(fold_deltas)
-                real_deltas.update(fold_real)
-                run["conditions"][task].update(facts)
-                secs = next(iter(facts.values()))["fold_seconds"]
-                fold, _, reals, _ = payload
-                print(f"[norman] fold {fold}: held out {list(reals)}, {secs:.1f} s", flush=True)
-                continue
-            ct = payload[0]
-            table, deltas[ct], real_deltas[ct], facts = out
-            tables.append(table)
-            run["conditions"][task][ct] = facts
-            n, steps, secs = facts["n_real"], facts["train_steps"], facts["seconds"]
-            print(f"[{task}] held out {ct}: {n} real cells, {steps} training steps, {secs:.1f} s", flush=True)
-        tables.append(discrimination(task, deltas, real_deltas))
-        show = TASKS[task].show if TASKS[task].show in deltas else next(iter(deltas))
-        scatter[task] = (show, deltas[show]["PerturbDiff"].to_numpy(), real_deltas[show]["real"].to_numpy())
-        # Summed over the task's conditions (they may have run in parallel with other tasks' conditions).
-        facts = run["conditions"][task].values()
-        if task == "norman":
-            run["seconds"][task] = round(sum({f["fold"]: f["fold_seconds"] for f in facts}.values()), 1)
-        else:
-            run["seconds"][task] = round(sum(f["seconds"] for f in facts), 1)
+        run["seconds"][task] = round(sum(v for k, v in run["seconds"].items() if k.startswith(f"{task}_seed")), 1)
     results = pd.concat([t for t in tables if len(t)], ignore_index=True)
-    cols = ["task", "held_out", "method", "perturbation", "context", "metric", "value", "normalized_score"]
-    results = results[cols].sort_values(["task", "held_out", "method", "metric"], kind="stable")
+    cols = ["seed", "task", "held_out", "method", "perturbation", "context", "metric", "value", "normalized_score"]
+    results = results[cols].sort_values(["seed", "task", "held_out", "method", "metric"], kind="stable")
     results.to_csv(args.out / "results.csv", index=False)
     figures(args.out, results, scatter)
     run["seconds"]["total"] = round(time.time() - start, 1)

@@ -38,3 +38,49 @@ def test_quick_benchmark_writes_tables_figures_and_targets(tmp_path):
     assert "QUICK RUN" in summary and "## Targets" in summary
     run = json.loads((out / "run.json").read_text())
     assert run["jobs"] == 2 and run["conditions"]["kang"]["CD4T"]["train_steps"] == 3
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("accuracy_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not SCRIPT.exists(), reason="benchmarks/ is not shipped in the sdist")
+def test_stress_task_data(accuracy):
+    """The dense-panel and McFaline stress cases are what they claim: dense high values; a held-out cell line."""
+    import numpy as np
+
+    panel = accuracy.kang_dense_panel()
+    assert panel.n_vars == 300 and panel.var_names.is_unique
+    assert float(panel.X.max()) > 8 and float((panel.X > 0).mean()) > 0.3  # Kang's 2,000 HVGs: < 0.1 non-zero
+    totals = np.expm1(panel.X).sum(axis=1)
+    assert np.allclose(totals, 1e4, rtol=1e-3)  # re-normalised over the panel
+    line, train, reals, control = next(accuracy.mcfaline_folds(quick=True))
+    assert line == "U87MG" and len(reals) == 9 and set(control.obs["perturbation"]) == {"control"}
+    in_line = train.obs["cell_type"] == line
+    assert set(train.obs.loc[in_line, "perturbation"]) == {"control"}  # only its controls are trained on
+    for pert, real in reals.items():
+        assert set(real.obs["cell_type"]) == {line} and set(real.obs["perturbation"]) == {pert}
+        assert (train.obs["perturbation"] == pert).any()  # seen in the other lines
+
+
+@pytest.mark.skipif(not SCRIPT.exists(), reason="benchmarks/ is not shipped in the sdist")
+def test_seed_spread_and_stress_check(accuracy):
+    """Mean and spread over seeds of per-seed means, and the per-seed comparison with the additive baseline."""
+    rows = []
+    for seed, (ours, base, top) in enumerate([(0.8, 0.6, 1.2), (0.6, 0.7, 1.7)]):
+        for held_out, shift in (("a", 0.0), ("b", 0.1)):
+            rows += [(seed, "kang_dense", held_out, "PerturbDiff", "pearson_delta", ours + shift)]
+            rows += [(seed, "kang_dense", held_out, "additive", "pearson_delta", base + shift)]
+            rows += [(seed, "kang_dense", held_out, "PerturbDiff", "max_over_training", top)]
+    results = pd.DataFrame(rows, columns=["seed", "task", "held_out", "method", "metric", "value"])
+    spread = accuracy.seed_spread_table(results, "kang_dense")
+    assert "| PerturbDiff | 0.750 ± 0.141 |" in spread  # per-seed means 0.85, 0.65
+    check = accuracy.stress_check(results, "kang_dense")
+    assert "| pearson_delta | higher | 1/2 | 0.750 | 0.700 |" in check
+    assert "1.70 (target <= 1.5: NOT REACHED)" in check

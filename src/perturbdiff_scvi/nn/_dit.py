@@ -107,7 +107,9 @@ class JointSetAttention(nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:  # (B, S, 2H) -> (B, S, out_dim)
         b, s, d = u.shape
         q, k, v = self.qkv(u).view(b, s, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)  # (B, heads, S, d_head)
+        # q/k-norm in float32 (a no-op without mixed precision; under autocast it keeps the fused RMSNorm kernel)
+        q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, S, d_head)
         return self.proj(out.transpose(1, 2).reshape(b, s, d))
 
 

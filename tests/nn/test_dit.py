@@ -112,7 +112,7 @@ def test_blocks_are_identity_at_init():
         with torch.no_grad():
             h2, hc2 = block(h, hc, c)
         assert torch.equal(h2, h)
-        assert torch.equal(hc2, hc)
+        assert hc2 is None if block is model.blocks[-1] else torch.equal(hc2, hc)
 
 
 def test_blocks_are_not_identity_after_perturbation():
@@ -179,3 +179,62 @@ def test_gradients_reach_all_trainable_inputs_after_perturbation():
     assert model.x_embed.weight.grad.abs().sum() > 0
     assert model.ctrl_embed.weight.grad.abs().sum() > 0
     assert model.cov_embed.perturbation.weight.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------- layout without dead parameters
+def _full_layout() -> SetDiT:
+    """The layout of earlier versions: the last block also updates the (unused) control stream."""
+    old = _model(randomise=False)
+    last = old.blocks[-1]
+    old.blocks[-1] = JointDiTBlock(last.n_hidden, last.attn.n_heads, update_control=True)
+    with torch.no_grad():
+        for p in old.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=_gen(7)))
+    return old.eval()
+
+
+def test_last_block_skips_the_control_update():
+    model = _model()
+    assert [b.update_control for b in model.blocks] == [True, False]
+    g = _gen(5)
+    h, hc, c = torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 16, generator=g), torch.randn(2, 16, generator=g)
+    with torch.no_grad():
+        h2, hc2 = model.blocks[-1](h, hc, c)
+    assert hc2 is None and h2.shape == h.shape
+
+
+def test_full_layout_state_dict_loads_with_the_same_output():
+    """A state dict of the earlier layout (control update in the last block) loads strictly; the dropped
+    tensors never influenced the output, so the output is the same."""
+    old = _full_layout()
+    x_t, t, x_ctrl, pert, ctx, batch, sc = _inputs(b=3, s=6)
+    with torch.no_grad():
+        out_old = old(x_t, t, x_ctrl, pert, ctx, batch, sc)
+    old_state = old.state_dict()
+    assert any(k.startswith("blocks.1.mlp_c.") for k in old_state)
+    new = _model(randomise=False)
+    new.load_state_dict(old_state)  # strict
+    assert not any(k.startswith("blocks.1.mlp_c.") for k in new.state_dict())
+    assert "blocks.1.mlp_c.0.weight" in old_state  # the caller's dict is not modified
+    with torch.no_grad():
+        out_new = new(x_t, t, x_ctrl, pert, ctx, batch, sc)
+    torch.testing.assert_close(out_new, out_old, atol=1e-6, rtol=1e-6)
+
+
+def test_deleting_the_dead_control_update_does_not_change_the_output():
+    """In the earlier layout, the last block's control MLP, control gates and control half of the attention
+    projection are dead: zeroing or scrambling them leaves the output bitwise unchanged."""
+    old = _full_layout()
+    x_t, t, x_ctrl, pert, ctx, batch, sc = _inputs(b=3, s=6)
+    with torch.no_grad():
+        before = old(x_t, t, x_ctrl, pert, ctx, batch, sc)
+        last = old.blocks[-1]
+        h = last.n_hidden
+        for p in last.mlp_c.parameters():
+            p.copy_(torch.randn(p.shape, generator=_gen(8)))
+        last.ada_c.linear.weight[2 * h :] = 5.0
+        last.ada_c.linear.bias[2 * h :] = -5.0
+        last.attn.proj.weight[h:] = 3.0
+        last.attn.proj.bias[h:] = 3.0
+        after = old(x_t, t, x_ctrl, pert, ctx, batch, sc)
+    assert torch.equal(before, after)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import signal
 import warnings
 
+import torch
 from scvi import settings
 
 from .._validation import positive_int
@@ -81,3 +83,37 @@ def _after_interrupt(model, runner, sigint_handler) -> None:
         UserWarning,
         stacklevel=settings.warnings_stacklevel,
     )
+
+
+def checked_compile(compile: bool, compile_kwargs: dict | None) -> tuple[bool, dict]:
+    """``train``'s ``compile`` (a bool) and ``compile_kwargs`` (a dict, only with ``compile=True``), checked."""
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True or False; got {compile!r}.")
+    if compile_kwargs is not None and not isinstance(compile_kwargs, dict):
+        raise ValueError(f"compile_kwargs must be a dict of torch.compile options; got {compile_kwargs!r}.")
+    if compile_kwargs and not compile:
+        raise ValueError("compile_kwargs was given with compile=False; pass compile=True to compile the denoiser.")
+    return compile, dict(compile_kwargs or {})
+
+
+@contextlib.contextmanager
+def compiled_denoiser(module, enabled: bool, compile_kwargs: dict | None):
+    """Run the block with ``module.denoiser.forward`` compiled by :func:`torch.compile` (if ``enabled``).
+
+    Only the denoiser's bound ``forward`` is replaced, by an instance attribute: module names, parameter names and
+    the ``state_dict`` keys stay those of the eager model (``torch.compile(module)`` would prefix them with
+    ``_orig_mod.``), the noising, self-conditioning coin and loss stay eager, and the EMA copy used for sampling is
+    not compiled. The eager ``forward`` is restored on exit, also after an error or Ctrl+C, so nothing compiled
+    reaches ``save`` or prediction.
+    """
+    if not enabled:
+        yield
+        return
+    denoiser = module.denoiser
+    if "forward" in vars(denoiser):
+        raise RuntimeError("module.denoiser.forward is already replaced; train(compile=True) cannot compile it.")
+    denoiser.forward = torch.compile(denoiser.forward, **(compile_kwargs or {}))
+    try:
+        yield
+    finally:
+        del denoiser.forward

@@ -88,9 +88,12 @@ class CovariateEmbedder(nn.Module):
 
 
 class JointSetAttention(nn.Module):
-    """Multi-head self-attention over the S cell tokens of width ``2H`` with RMSNorm q/k-norm."""
+    """Multi-head self-attention over the S cell tokens of width ``2H`` with RMSNorm q/k-norm.
 
-    def __init__(self, dim: int, n_heads: int):
+    ``out_dim`` (default ``dim``) is the width of the output projection.
+    """
+
+    def __init__(self, dim: int, n_heads: int, out_dim: int | None = None):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"2 * n_hidden ({dim}) must be divisible by n_heads ({n_heads}).")
@@ -98,12 +101,15 @@ class JointSetAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.q_norm = nn.RMSNorm(dim // n_heads, eps=1e-6)
         self.k_norm = nn.RMSNorm(dim // n_heads, eps=1e-6)
-        self.proj = nn.Linear(dim, dim)
+        # ``out_dim < dim`` keeps only the first ``out_dim`` output features (the cell stream of the last block).
+        self.proj = nn.Linear(dim, out_dim or dim)
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:  # (B, S, 2H) -> (B, S, 2H)
+    def forward(self, u: torch.Tensor) -> torch.Tensor:  # (B, S, 2H) -> (B, S, out_dim)
         b, s, d = u.shape
         q, k, v = self.qkv(u).view(b, s, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)  # (B, heads, S, d_head)
+        # q/k-norm in float32 (a no-op without mixed precision; under autocast it keeps the fused RMSNorm kernel)
+        q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, S, d_head)
         return self.proj(out.transpose(1, 2).reshape(b, s, d))
 
 
@@ -116,48 +122,89 @@ class Mlp(nn.Sequential):
 
 
 class StreamModulation(nn.Module):
-    """Per-stream adaLN-Zero: c -> (shift, scale, gate) for the attention and the MLP branch."""
+    """Per-stream adaLN-Zero: c -> (shift, scale, gate) for the attention and the MLP branch.
 
-    def __init__(self, n_hidden: int):
+    The chunks come in the order ``shift_a, scale_a, gate_a, shift_m, scale_m, gate_m``; ``n_chunks=2`` keeps
+    only the first two (the attention input modulation of a stream whose update is not used).
+    """
+
+    def __init__(self, n_hidden: int, n_chunks: int = 6):
         super().__init__()
-        self.linear = nn.Linear(n_hidden, 6 * n_hidden)
+        self.n_chunks = n_chunks
+        self.linear = nn.Linear(n_hidden, n_chunks * n_hidden)
 
     def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.linear(F.silu(c)).chunk(6, dim=-1)
+        return self.linear(F.silu(c)).chunk(self.n_chunks, dim=-1)
 
 
 class JointDiTBlock(nn.Module):
     """MM-DiT block of the released model: two streams, one joint attention, parallel residuals.
 
     Both LayerNorms see the block input (parallel form); only the attention mixes cells.
+
+    ``update_control=False`` builds the last block of :class:`SetDiT`, whose control-stream output is never
+    used: the control stream still feeds the joint attention (its keys, values and queries), but its own
+    update is skipped, so the block has no control MLP, its control modulation gives only the attention
+    shift/scale, the attention projects to the cell stream only, and ``forward`` returns ``(h, None)``.
+    These parameters would get no gradient (which multi-device DDP rejects) and never change the output.
+    State dicts of the full layout load into it (see :meth:`_load_from_state_dict`).
     """
 
-    def __init__(self, n_hidden: int, n_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, n_hidden: int, n_heads: int, mlp_ratio: float = 4.0, *, update_control: bool = True):
         super().__init__()
         self.n_hidden = n_hidden
+        self.update_control = update_control
         self.norm1, self.norm2 = (
             nn.LayerNorm(n_hidden, elementwise_affine=False, eps=1e-6),
             nn.LayerNorm(n_hidden, elementwise_affine=False, eps=1e-6),
         )
-        self.norm1_c, self.norm2_c = (
-            nn.LayerNorm(n_hidden, elementwise_affine=False, eps=1e-6),
-            nn.LayerNorm(n_hidden, elementwise_affine=False, eps=1e-6),
-        )
-        self.attn = JointSetAttention(2 * n_hidden, n_heads)
-        self.mlp, self.mlp_c = Mlp(n_hidden, mlp_ratio), Mlp(n_hidden, mlp_ratio)
-        self.ada, self.ada_c = StreamModulation(n_hidden), StreamModulation(n_hidden)
+        self.norm1_c = nn.LayerNorm(n_hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = JointSetAttention(2 * n_hidden, n_heads, out_dim=None if update_control else n_hidden)
+        self.mlp = Mlp(n_hidden, mlp_ratio)
+        self.ada = StreamModulation(n_hidden)
+        if update_control:
+            self.norm2_c = nn.LayerNorm(n_hidden, elementwise_affine=False, eps=1e-6)
+            self.mlp_c = Mlp(n_hidden, mlp_ratio)
+            self.ada_c = StreamModulation(n_hidden)
+        else:
+            self.ada_c = StreamModulation(n_hidden, n_chunks=2)
 
-    def forward(self, h: torch.Tensor, hc: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, hc: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.ada(c)
-        cshift_a, cscale_a, cgate_a, cshift_m, cscale_m, cgate_m = self.ada_c(c)
+        cshift_a, cscale_a, *control_update = self.ada_c(c)
         a = modulate(self.norm1(h), shift_a, scale_a)  # (B, S, H)
         ac = modulate(self.norm1_c(hc), cshift_a, cscale_a)  # (B, S, H)
         m = self.mlp(modulate(self.norm2(h), shift_m, scale_m))  # MLP branch sees the block input
-        mc = self.mlp_c(modulate(self.norm2_c(hc), cshift_m, cscale_m))
-        dh, dhc = self.attn(torch.cat([a, ac], dim=-1)).split(self.n_hidden, dim=-1)  # (B, S, H) each
+        update = self.attn(torch.cat([a, ac], dim=-1))  # (B, S, 2H), or (B, S, H) without the control update
+        dh = update[..., : self.n_hidden]
         h = h + gate_a.unsqueeze(1) * dh + gate_m.unsqueeze(1) * m
+        if not self.update_control:
+            return h, None
+        cgate_a, cshift_m, cscale_m, cgate_m = control_update
+        mc = self.mlp_c(modulate(self.norm2_c(hc), cshift_m, cscale_m))
+        dhc = update[..., self.n_hidden :]
         hc = hc + cgate_a.unsqueeze(1) * dhc + cgate_m.unsqueeze(1) * mc
         return h, hc
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Accept the full two-stream layout (saved by earlier versions) in a block without the control update.
+
+        The dropped tensors (the control MLP, the control gates and MLP modulation, the control half of the
+        attention projection) never influenced the output of the last block, so outputs are unchanged.
+        """
+        if not self.update_control:
+            for key in [k for k in state_dict if k.startswith(prefix + "mlp_c.")]:
+                del state_dict[key]
+            h = self.n_hidden
+            for name, rows in (("ada_c.linear.weight", 2 * h), ("ada_c.linear.bias", 2 * h)):
+                key = prefix + name
+                if key in state_dict and state_dict[key].shape[0] == 6 * h:
+                    state_dict[key] = state_dict[key][:rows]
+            for name in ("attn.proj.weight", "attn.proj.bias"):
+                key = prefix + name
+                if key in state_dict and state_dict[key].shape[0] == 2 * h:
+                    state_dict[key] = state_dict[key][:h]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class FinalLayer(nn.Module):
@@ -227,7 +274,10 @@ class SetDiT(nn.Module):
         self.cov_embed = CovariateEmbedder(
             n_perturbations, n_contexts, n_batches, n_hidden, n_cov, n_cov_hidden or n_genes
         )
-        self.blocks = nn.ModuleList([JointDiTBlock(n_hidden, n_heads, mlp_ratio) for _ in range(depth)])
+        # The control stream's output of the last block is never used: that block skips the control update.
+        self.blocks = nn.ModuleList(
+            [JointDiTBlock(n_hidden, n_heads, mlp_ratio, update_control=i < depth - 1) for i in range(depth)]
+        )
         self.final = FinalLayer(n_hidden, n_genes)
         self.initialize_weights()
 
@@ -237,6 +287,10 @@ class SetDiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+        for block in self.blocks:
+            if not block.update_control:  # the cell half of a 2H -> 2H projection: the same Xavier bound
+                proj = block.attn.proj
+                nn.init.xavier_uniform_(proj.weight, gain=math.sqrt(sum(proj.weight.shape) / (2 * proj.in_features)))
         for m in self.t_embed.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)

@@ -208,3 +208,44 @@ else:  # pragma: no cover
     @pytest.mark.skip(reason="hypothesis is not installed")
     def test_property_purity_matching_no_leak():
         pass
+
+
+# ------------------------------------------------------------------------------------- sharding over processes
+def _perturbed_sets(batches, set_size):
+    return [tuple(b) for rows in batches for b in np.asarray(rows).reshape(-1, 2, set_size)[:, 0].tolist()]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("fixed", [False, True])
+def test_sharded_sets_are_disjoint_equal_and_from_the_shared_epoch(world, fixed):
+    pert, ctx, batch = _codes()
+    groups = group_cells(pert, ctx, batch, CONTROL)
+    full = SetBatchSampler(groups, 4, 3, seed=5, fixed=fixed)
+    epochs_full = [_perturbed_sets(list(full), 4) for _ in range(2)]
+    shards = [SetBatchSampler(groups, 4, 3, seed=5, fixed=fixed, num_replicas=world, rank=r) for r in range(world)]
+    for epoch in range(2):
+        per_rank = []
+        for sampler in shards:
+            batches = list(sampler)
+            assert len(batches) == len(sampler) == sampler.n_batches(world) == full.n_batches(world)
+            _check_batches(batches, groups, 4, 3)
+            per_rank.append(_perturbed_sets(batches, 4))
+        assert len({len(sets) for sets in per_rank}) == 1 and len(per_rank[0]) == full.n_sets // world
+        # Rank r serves sets r, r + world, ... of the epoch every rank draws from the shared seed.
+        kept = epochs_full[epoch][: full.n_sets - full.n_sets % world]
+        for r, sets in enumerate(per_rank):
+            assert sets == kept[r::world]
+        assert sorted(s for sets in per_rank for s in sets) == sorted(kept)  # disjoint, nothing lost but the rest
+    assert len(full) == full.n_batches(1)
+
+
+def test_shard_arguments_checked():
+    groups = group_cells(*_codes(), CONTROL)
+    with pytest.raises(ValueError, match="both num_replicas and rank"):
+        SetBatchSampler(groups, 4, 3, seed=0, num_replicas=2)
+    with pytest.raises(ValueError, match="0 <= rank < num_replicas"):
+        SetBatchSampler(groups, 4, 3, seed=0, num_replicas=2, rank=2)
+    unseeded = SetBatchSampler(groups, 4, 3, seed=None, num_replicas=2, rank=0)
+    with pytest.raises(ValueError, match="seed shared by all"):
+        list(unseeded)
+    assert SetBatchSampler(groups, 4, 3, seed=0).shard() == (0, 1)  # no process group: one process

@@ -359,7 +359,10 @@ class PerturbDiff(BaseModelClass):
         max_epochs
             Epochs; one epoch serves every training cell once in sets of ``set_size`` (groups padded).
         max_steps
-            Optimisation steps; if neither is given, ``DEFAULT_MAX_STEPS`` (1500) steps.
+            Optimisation steps; if neither is given, ``DEFAULT_MAX_STEPS`` (1500) steps. With several processes
+            (``devices=2, strategy="ddp_spawn"``, ...) these are steps in total, each on ``sets_per_batch`` sets per
+            process; the processes serve disjoint shards of the sets of each epoch, each with its own random
+            stream derived from the seed.
         %(param_accelerator)s
         %(param_devices)s
         sets_per_batch
@@ -431,22 +434,47 @@ class PerturbDiff(BaseModelClass):
                 f"{validation_size} with split={split!r} left no validation cells; raise validation_size "
                 "or use split='cell'."
             )
-        steps_per_epoch = len(splitter.train_dataloader().sampler)
-        max_epochs = _train.schedule_trainer(
-            steps_per_epoch, max_epochs, max_steps, has_val, check_val_every_n_epoch, trainer_kwargs
-        )
+        if trainer_kwargs.get("use_distributed_sampler"):
+            raise ValueError(
+                "use_distributed_sampler=True is not supported: the set sampler shards the sets over processes itself."
+            )
+        trainer_kwargs["use_distributed_sampler"] = False
+        train_sampler = splitter.train_dataloader().sampler
         plan = self._training_plan_cls(self.module, **{"lr": lr, **(plan_kwargs or {})})
-        runner = self._train_runner_cls(
-            self,
-            training_plan=plan,
-            data_splitter=splitter,
-            max_epochs=max_epochs,
-            max_steps=-1 if max_steps is None else max_steps,
-            accelerator=accelerator,
-            devices=devices,
-            early_stopping=early_stopping,
-            **trainer_kwargs,
-        )
+
+        def make_runner(world_size: int):
+            kwargs = {**trainer_kwargs}
+            if "callbacks" in kwargs:  # scvi's Trainer appends its own callbacks to the list it gets
+                kwargs["callbacks"] = list(kwargs["callbacks"])
+            steps_per_epoch = train_sampler.n_batches(world_size)
+            if steps_per_epoch == 0:
+                raise ValueError(
+                    f"{train_sampler.n_sets} training set(s) cannot be shared by {world_size} processes; use fewer "
+                    "devices, a smaller set_size or a smaller validation_size."
+                )
+            epochs = _train.schedule_trainer(
+                steps_per_epoch, max_epochs, max_steps, has_val, check_val_every_n_epoch, kwargs
+            )
+            return self._train_runner_cls(
+                self,
+                training_plan=plan,
+                data_splitter=splitter,
+                max_epochs=epochs,
+                max_steps=-1 if max_steps is None else max_steps,
+                accelerator=accelerator,
+                devices=devices,
+                early_stopping=early_stopping,
+                **kwargs,
+            )
+
+        with warnings.catch_warnings(record=True) as caught:  # the trainer tells the number of processes
+            warnings.simplefilter("always")
+            runner = make_runner(1)
+        if runner.trainer.world_size > 1:  # each process serves its shard of the sets: fewer steps per epoch
+            runner = make_runner(runner.trainer.world_size)  # (warns again what the first trainer warned)
+        else:
+            for w in caught:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
         with _train.compiled_denoiser(self.module, compile, compile_kwargs):
             return _train.run_interruptible(self, runner)
 

@@ -96,15 +96,36 @@ def checked_compile(compile: bool, compile_kwargs: dict | None) -> tuple[bool, d
     return compile, dict(compile_kwargs or {})
 
 
+class CompiledForward:
+    """``torch.compile`` of a module's own ``forward``, built at the first call and dropped when pickled.
+
+    Set as the module's ``forward`` instance attribute. Pickling it (``strategy="ddp_spawn"`` pickles the model to
+    start the processes) keeps only the module and the options, so each process compiles its own copy.
+    """
+
+    def __init__(self, module: torch.nn.Module, compile_kwargs: dict):
+        self.module = module
+        self.compile_kwargs = compile_kwargs
+        self._compiled = None
+
+    def __call__(self, *args, **kwargs):
+        if self._compiled is None:
+            self._compiled = torch.compile(type(self.module).forward.__get__(self.module), **self.compile_kwargs)
+        return self._compiled(*args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        return {"module": self.module, "compile_kwargs": self.compile_kwargs, "_compiled": None}
+
+
 @contextlib.contextmanager
 def compiled_denoiser(module, enabled: bool, compile_kwargs: dict | None):
     """Run the block with ``module.denoiser.forward`` compiled by :func:`torch.compile` (if ``enabled``).
 
-    Only the denoiser's bound ``forward`` is replaced, by an instance attribute: module names, parameter names and
-    the ``state_dict`` keys stay those of the eager model (``torch.compile(module)`` would prefix them with
-    ``_orig_mod.``), the noising, self-conditioning coin and loss stay eager, and the EMA copy used for sampling is
-    not compiled. The eager ``forward`` is restored on exit, also after an error or Ctrl+C, so nothing compiled
-    reaches ``save`` or prediction.
+    Only the denoiser's ``forward`` is replaced, by an instance attribute (:class:`CompiledForward`): module names,
+    parameter names and the ``state_dict`` keys stay those of the eager model (``torch.compile(module)`` would
+    prefix them with ``_orig_mod.``), the noising, self-conditioning coin and loss stay eager, and the EMA copy used
+    for sampling is not compiled. The eager ``forward`` is restored on exit, also after an error or Ctrl+C, so
+    nothing compiled reaches ``save`` or prediction.
     """
     if not enabled:
         yield
@@ -112,7 +133,7 @@ def compiled_denoiser(module, enabled: bool, compile_kwargs: dict | None):
     denoiser = module.denoiser
     if "forward" in vars(denoiser):
         raise RuntimeError("module.denoiser.forward is already replaced; train(compile=True) cannot compile it.")
-    denoiser.forward = torch.compile(denoiser.forward, **(compile_kwargs or {}))
+    denoiser.forward = CompiledForward(denoiser, dict(compile_kwargs or {}))
     try:
         yield
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from scvi.train import TrainingPlan
 
@@ -75,6 +76,34 @@ class DiffusionTrainingPlan(TrainingPlan):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """With several processes, give each rank its own torch RNG stream (timesteps, noise, guidance dropout,
+        self-conditioning coin), derived from the state all ranks share (the user's seed) and the rank.
+
+        ``ddp_spawn`` starts every rank with the parent's RNG state: without this, all ranks would draw the same
+        timesteps and noise for their (different) sets. One process: nothing changes.
+        """
+        super().on_train_start()
+        if self.trainer.world_size > 1:
+            shared = int(torch.randint(0, 2**62, ()))  # the same on every rank
+            rank_seed = np.random.SeedSequence([shared, self.trainer.global_rank]).generate_state(2, np.uint64)[0]
+            torch.manual_seed(int(rank_seed) % 2**63)
+
+    def compute_and_log_metrics(self, loss_output, metrics, mode: str):
+        """scvi-tools' metric logging, run under ``torch.no_grad`` instead of ``torch.inference_mode``.
+
+        scvi-tools 1.4 decorates it with ``torch.inference_mode()``: the logged values and Lightning's batch-size
+        accumulators become inference tensors, and with several processes (``sync_dist=True``) Lightning's
+        end-of-epoch reduction updates them in place, which fails ("Inplace update to inference tensor outside
+        InferenceMode"). The logged values are the same.
+        """
+        parent = TrainingPlan.compute_and_log_metrics
+        inner = getattr(parent, "__wrapped__", None)  # the undecorated function (functools.wraps)
+        if inner is None:  # not decorated (another scvi-tools version): nothing to undo
+            return parent(self, loss_output, metrics, mode)
+        with torch.no_grad():
+            return inner(self, loss_output, metrics, mode)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         # The EMA follows optimiser steps, not batches: under gradient accumulation Lightning calls this once

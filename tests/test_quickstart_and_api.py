@@ -31,6 +31,9 @@ def test_quickstart_cli_writes_outputs(scvi_module, tmp_path, capsys):
     for key in ("pearson_delta_top100_de", "pearson_delta_all_genes"):
         assert -1.0 <= metrics[key] <= 1.0, key
     assert metrics["max_steps"] == 3
+    realism = metrics["realism"]
+    assert 0.3 < realism["c2st_auroc_ceiling"] < 0.7 and realism["c2st_auroc_control"] > 0.9  # stimulated vs control
+    assert 0.0 <= realism["c2st_auroc"] <= 1.0 and realism["knn_mixing_ceiling"] > 0.8
     assert (out / "umap_real_vs_predicted.png").stat().st_size > 10_000
     pred = ad.read_h5ad(out / "predicted_cd4t_stimulated.h5ad")
     assert pred.n_obs == metrics["n_cells"]["real_stimulated_cd4t"]

@@ -47,7 +47,16 @@ def run_quickstart(
     import torch
 
     from . import datasets
-    from .metrics import energy_distance, pearson_delta, top_de_genes
+    from .metrics import (
+        c2st_auroc,
+        c2st_ceiling,
+        energy_distance,
+        fit_pca,
+        knn_mixing,
+        knn_mixing_ceiling,
+        pearson_delta,
+        top_de_genes,
+    )
     from .model import PerturbDiff
 
     start = time.time()
@@ -104,6 +113,16 @@ def run_quickstart(
         "python": platform.python_version(),
         "device": str(model.device),
     }
+    # Realism on a PCA of the real training cells (30 PCs): 0.5 / 1 = indistinguishable from / mixed with real cells.
+    pca = fit_pca(train.X, n_comps=30, seed=seed)
+    realism = {"pca": pca, "n_pcs": 30, "seed": seed}
+    metrics["realism"] = {
+        "c2st_auroc": c2st_auroc(pred.X, real.X, **realism),
+        "c2st_auroc_ceiling": c2st_ceiling(real.X, **realism),
+        "c2st_auroc_control": c2st_auroc(control.X, real.X, **realism),
+        "knn_mixing": knn_mixing(pred.X, real.X, **realism),
+        "knn_mixing_ceiling": knn_mixing_ceiling(real.X, **realism),
+    }
     metrics["prediction_closer_than_control"] = (
         metrics["energy_distance_pred_vs_real"] < metrics["energy_distance_control_vs_real"]
     )
@@ -129,12 +148,16 @@ def run_quickstart(
 
 def summarise(metrics: dict) -> str:
     """One readable paragraph of the quickstart result."""
+    r = metrics["realism"]
     return (
         f"{metrics['task']}\n"
         f"  energy distance to real stimulated CD4T: prediction {metrics['energy_distance_pred_vs_real']:.3f} vs "
         f"control cells {metrics['energy_distance_control_vs_real']:.3f}\n"
         f"  Pearson of predicted vs real mean shift: top-100 DE genes {metrics['pearson_delta_top100_de']:.3f}, "
         f"all genes {metrics['pearson_delta_all_genes']:.3f}\n"
+        f"  realism: C2ST AUROC {r['c2st_auroc']:.3f} (real halves {r['c2st_auroc_ceiling']:.3f}, control cells "
+        f"{r['c2st_auroc_control']:.3f}; 0.5 = indistinguishable), kNN mixing {r['knn_mixing']:.3f} (real halves "
+        f"{r['knn_mixing_ceiling']:.3f})\n"
         f"  time: train {metrics['seconds']['train']} s, predict {metrics['seconds']['predict']} s, "
         f"total {metrics['seconds']['total']} s"
     )

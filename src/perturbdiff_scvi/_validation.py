@@ -7,6 +7,7 @@ same mistake gives the same message everywhere.
 from __future__ import annotations
 
 import difflib
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -201,10 +202,14 @@ def optional_seed(seed) -> int | None:
     return int(seed)
 
 
+def is_finite_number(value) -> bool:
+    """Whether ``value`` is one real, finite number (Python or numpy; not a bool, a string or a complex)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_) and bool(np.isfinite(value))
+
+
 def finite_number(value, name: str, *, minimum: float | None = None, hint: str = "") -> float:
     """A real, finite number (>= ``minimum``) as a ``float``; a ``ValueError`` naming ``name`` otherwise."""
-    ok = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
-    ok = ok and bool(np.isfinite(value)) and (minimum is None or value >= minimum)
+    ok = is_finite_number(value) and (minimum is None or value >= minimum)
     if not ok:
         bound = "" if minimum is None else f" >= {minimum:g}"
         raise ValueError(f"{name} must be a finite number{bound}{hint}; got {value!r}.")

@@ -10,7 +10,7 @@ from anndata import AnnData
 
 from .._combinations import check_delimiter, split_combination
 from .._output import population_adata
-from .._validation import check_distinct_keys, dense_rows, optional_seed
+from .._validation import check_distinct_keys, dense_rows, is_finite_number, optional_seed
 from ._common import (
     BaselineInput,
     categorical,
@@ -382,7 +382,7 @@ def linear_baseline(
     >>> pred.uns["baseline"]["effect"].shape == (train.n_vars,)
     True
     """
-    if isinstance(ridge, bool) or not isinstance(ridge, int | float | np.number) or not np.isfinite(ridge) or ridge < 0:
+    if not is_finite_number(ridge) or ridge < 0:
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}.")
     data = BaselineInput(
         adata,

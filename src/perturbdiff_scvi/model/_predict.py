@@ -13,7 +13,7 @@ from anndata import AnnData
 
 from .._constants import PDIFF_KEYS
 from .._output import population_adata
-from .._validation import as_list, find_category, optional_positive_int, positive_int
+from .._validation import as_list, find_category, is_finite_number, optional_positive_int, positive_int
 from ..data import registered_codes
 from ..diffusion import RELEASED_START_TIME, SAMPLER_NAMES
 from ..diffusion._sampling import sampler_choices
@@ -67,8 +67,7 @@ class SamplingOptions:
     def checked(
         cls, *, n_steps, sampler, guidance_scale, batch_size, use_ema, n_timesteps: int, start_time=None
     ) -> SamplingOptions:
-        ok = isinstance(guidance_scale, int | float | np.number) and not isinstance(guidance_scale, bool)
-        if not ok or not np.isfinite(guidance_scale) or guidance_scale < 0:
+        if not is_finite_number(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0 (0 = no guidance); got {guidance_scale!r}.")
         if not isinstance(sampler, str) or sampler not in SAMPLERS:
             raise ValueError(f"sampler must be {sampler_choices()}; got {sampler!r}.")
@@ -109,7 +108,7 @@ def zero_threshold_value(value, training_matrix) -> float | None:
         from ..metrics import realistic_zero_threshold  # lazy: keeps the metrics package off import
 
         return realistic_zero_threshold(training_matrix())
-    if isinstance(value, bool) or not isinstance(value, int | float | np.number) or not np.isfinite(value):
+    if not is_finite_number(value):
         raise ValueError(f"zero_threshold must be None, 'auto' or a finite number >= 0; got {value!r}.")
     if value < 0:
         raise ValueError(f"zero_threshold must be >= 0 (values below it become 0); got {value!r}.")

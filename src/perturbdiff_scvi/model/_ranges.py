@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .._validation import dense_rows
+from .._validation import dense_rows, is_finite_number
 
 #: ``x0_bound="auto"`` caps each gene at this multiple of its training maximum.
 AUTO_BOUND_FACTOR = 1.5
@@ -62,7 +62,7 @@ def x0_bound_value(value, training_matrix: Callable[[], object]) -> np.ndarray |
         return None
     if isinstance(value, str) and value == "auto":
         return (AUTO_BOUND_FACTOR * gene_max(training_matrix())).astype(np.float32)
-    if isinstance(value, bool) or not isinstance(value, int | float | np.number) or not np.isfinite(value):
+    if not is_finite_number(value):
         raise ValueError(f"x0_bound must be None, 'auto' or a finite number > 0; got {value!r}.")
     if value <= 0:
         raise ValueError(f"x0_bound must be > 0 (predictions are capped at it); got {value!r}.")

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import signal
 import warnings
 
 import torch
 from scvi import settings
 
-from .._validation import positive_int
+from .._validation import is_finite_number, positive_int
 from ._presets import DEFAULT_MAX_STEPS
 
 
@@ -22,7 +21,7 @@ def checked_lengths(max_epochs, max_steps, sets_per_batch, lr) -> tuple[int | No
     max_epochs = None if max_epochs is None else positive_int(max_epochs, "max_epochs")
     max_steps = None if max_steps is None else positive_int(max_steps, "max_steps")
     sets_per_batch = positive_int(sets_per_batch, "sets_per_batch")
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+    if not is_finite_number(lr) or lr <= 0:
         raise ValueError(f"lr must be a finite number > 0; got {lr!r}.")
     return max_epochs, max_steps, sets_per_batch, float(lr)
 

@@ -10,7 +10,9 @@ is drawn from the same trained model, so the sampling rows of a case differ only
   to ~8.8), stimulated CD4T held out.
 
 Training variants: ``default``; ``input_scale_auto`` (``PerturbDiff(input_scale="auto")``); ``no_self_cond``
-(``p_self_cond=0``); ``set_size_32``; ``steps_x2`` (twice the training steps). Sampling variants: DDIM 50 steps
+(``p_self_cond=0``); ``set_size_32``; ``steps_x2`` (twice the training steps); ``energy_0`` (``energy_weight=0``,
+MSE only); ``energy_abar`` (``energy_weighting="abar"``); ``edm`` (``preconditioning="edm"``); ``edm_abar`` (both).
+Sampling variants: DDIM 50 steps
 (default), DDIM 200 steps, DDPM 50 steps, the released truncated DDIM (``start_time=100``), guidance 0 and 1, and
 ``x0_bound="auto"``. Scored with ``tl.evaluate`` (PCA of the training cells) against the real held-out cells,
 beside the additive baseline, the control cells and the half-vs-half ceiling. The trajectory table records, for the
@@ -49,6 +51,7 @@ SAMPLING = {
     "guidance0": {"guidance_scale": 0.0},
     "guidance1": {"guidance_scale": 1.0},
     "x0_bound_auto": {"x0_bound": "auto"},
+    "init_control_t300": {"init": "control", "start_time": 300},
 }
 TRAINING = {
     "default": {},
@@ -56,6 +59,10 @@ TRAINING = {
     "no_self_cond": {"p_self_cond": 0.0},
     "set_size_32": {"set_size": 32},
     "steps_x2": {},
+    "energy_0": {"energy_weight": 0.0},
+    "energy_abar": {"energy_weighting": "abar"},
+    "edm": {"preconditioning": "edm"},
+    "edm_abar": {"preconditioning": "edm", "energy_weighting": "abar"},
 }
 HELD_OUT_TYPE = "CD4T"
 
@@ -121,65 +128,83 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--cases", default="kang_heldout,kang_seen,dense_heldout")
     parser.add_argument("--training", default="default,input_scale_auto", help=f"of {list(TRAINING)}")
+    parser.add_argument("--sampling", default=",".join(SAMPLING), help=f"of {list(SAMPLING)}")
     parser.add_argument("--max-steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (overrides --seed), e.g. 0,1,2")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no-trajectory", action="store_true", help="skip the per-step range table")
     args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
+    sampling = {name: SAMPLING[name] for name in args.sampling.split(",")}
     quiet_logs()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     start, records, trajectories = time.time(), [], []
-    for case in args.cases.split(","):
+    for seed, case in ((seed, case) for seed in seeds for case in args.cases.split(",")):
         train, real, control = case_data(case)
-        common = {"pca_reference": train, "seed": args.seed, **KEYS}
+        common = {"pca_reference": train, "seed": seed, **KEYS}
         refs = {
             "additive": baselines.additive_shift_baseline(
-                train, PERT, HELD_OUT_TYPE, control_value=CONTROL, n_cells=real.n_obs, seed=args.seed, **KEYS
+                train, PERT, HELD_OUT_TYPE, control_value=CONTROL, n_cells=real.n_obs, seed=seed, **KEYS
             )
             if case != "kang_seen"
             else None,
             "control": relabelled(control),
         }
         refs = {k: v for k, v in refs.items() if v is not None}
-        half, reference = baselines.half_vs_half_ceiling(real, seed=args.seed, **KEYS)
+        half, reference = baselines.half_vs_half_ceiling(real, seed=seed, **KEYS)
         table = tl.evaluate(refs, real, control, baseline=None, **common)
         ceiling = tl.evaluate({"ceiling": half}, reference, control, baseline=None, **common)
         for t in (table, ceiling):
-            records.append(t.assign(case=case, training="-", sampling="-"))
+            records.append(t.assign(case=case, training="-", sampling="-", seed=seed))
         for variant in args.training.split(","):
             t0 = time.time()
-            model = train_model(train.copy(), variant, args.max_steps, args.seed)
+            model = train_model(train.copy(), variant, args.max_steps, seed)
             t_train = time.time() - t0
             preds = {}
-            for name, options in SAMPLING.items():
+            for name, options in sampling.items():
                 preds[name] = model.predict_population(
-                    PERT, contexts=HELD_OUT_TYPE, n_cells=real.n_obs, seed=args.seed, **options
+                    PERT, contexts=HELD_OUT_TYPE, n_cells=real.n_obs, seed=seed, **options
                 )
             scores = tl.evaluate(preds, real, control, baseline=None, **common)
             records.append(
-                scores.rename(columns={"method": "sampling"}).assign(case=case, training=variant, method="PerturbDiff")
+                scores.rename(columns={"method": "sampling"}).assign(
+                    case=case, training=variant, method="PerturbDiff", seed=seed
+                )
             )
-            if variant == "default":
-                trajectories.append(trajectory(model, real, args.seed, train).assign(case=case))
-            print(f"[{case}] {variant}: trained in {t_train:.0f} s, scored in {time.time() - t0 - t_train:.0f} s")
+            if variant == "default" and not args.no_trajectory:
+                trajectories.append(trajectory(model, real, seed, train).assign(case=case))
+            t_score = time.time() - t0 - t_train
+            print(f"[{case}, seed {seed}] {variant}: trained in {t_train:.0f} s, scored in {t_score:.0f} s")
     results = pd.concat(records, ignore_index=True)
     results["method"] = results["method"].fillna("PerturbDiff")
     results = results[results["metric"].isin(METRICS)]
     results.to_csv(args.out / "diagnosis.csv", index=False)
     traj = pd.concat(trajectories, ignore_index=True) if trajectories else pd.DataFrame()
     traj.to_csv(args.out / "trajectory.csv", index=False)
-    lines = [f"# Realism diagnosis\n\nCommand: `{' '.join(sys.argv)}`; seed {args.seed}, {args.max_steps} steps, "
-             f"{time.time() - start:.0f} s.\n"]  # fmt: skip
+    lines = [f"# Realism diagnosis\n\nCommand: `{' '.join(sys.argv)}`; seeds {seeds}, {args.max_steps} steps, "
+             f"{time.time() - start:.0f} s. Values: mean over seeds (sd over seeds in the second table when "
+             "several).\n"]  # fmt: skip
     for case, sub in results.groupby("case", sort=False):
         sub = sub.assign(row=np.where(sub["method"] == "PerturbDiff", sub["training"] + " / " + sub["sampling"],
                                       sub["method"]))  # fmt: skip
         pivot = sub.pivot_table(index="row", columns="metric", values="value", sort=False)
         pivot = pivot.reindex(columns=[m for m in METRICS if m in pivot.columns])
         lines += [f"## {case}", "", md(pivot), ""]
+        if len(seeds) > 1:
+            spread = sub.pivot_table(index="row", columns="metric", values="value", aggfunc="std", sort=False)
+            spread = spread.reindex(columns=pivot.columns)
+            lines += [f"sd over seeds {seeds}:", "", md(spread), ""]
     if len(traj):
         for case, sub in traj.groupby("case", sort=False):
             every = sub.iloc[:: max(1, len(sub) // 10)]
             lines += [f"## Trajectory, {case} (default sampler)", "", md(every, index=False), ""]
     (args.out / "diagnosis.md").write_text("\n".join(lines) + "\n")
-    (args.out / "run.json").write_text(json.dumps(vars(args), default=str, indent=2))
+    (args.out / "run.json").write_text(json.dumps({**vars(args), "seeds": seeds}, default=str, indent=2))
     print(f"done in {time.time() - start:.0f} s; {args.out / 'diagnosis.md'}")
 
 

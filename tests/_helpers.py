@@ -12,8 +12,13 @@ TINY = {"set_size": 8, "n_hidden": 16, "depth": 1, "n_heads": 2, "n_cov": 8, "n_
 TINY_TRAIN = {"max_steps": 6, "sets_per_batch": 4, "enable_progress_bar": False, "accelerator": "cpu"}
 
 
-def make_perturbation_adata(n_cells: int = 240, n_genes: int = 30, seed: int = 0, sparse_x: bool = True) -> AnnData:
-    """Log-normalised synthetic data: perturbation A up-regulates genes 0-4 and B down-regulates 5-9."""
+def make_perturbation_adata(
+    n_cells: int = 240, n_genes: int = 30, seed: int = 0, sparse_x: bool = True, with_counts: bool = False
+) -> AnnData:
+    """Log-normalised synthetic data: perturbation A up-regulates genes 0-4 and B down-regulates 5-9.
+
+    ``with_counts=True`` also stores the Poisson counts behind ``X`` in ``layers["counts"]``.
+    """
     rng = np.random.default_rng(seed)
     pert = rng.choice(["ctrl", "A", "B"], n_cells, p=[0.4, 0.3, 0.3])
     ctx = rng.choice(["c0", "c1"], n_cells)
@@ -26,7 +31,10 @@ def make_perturbation_adata(n_cells: int = 240, n_genes: int = 30, seed: int = 0
     x = np.log1p(counts / np.maximum(counts.sum(1, keepdims=True), 1) * 100).astype(np.float32)
     obs = pd.DataFrame({"pert": pert, "ctx": ctx, "batch": batch}, index=[f"cell{i}" for i in range(n_cells)])
     var = pd.DataFrame(index=[f"gene{j}" for j in range(n_genes)])
-    return AnnData(X=sparse.csr_matrix(x) if sparse_x else x, obs=obs, var=var)
+    out = AnnData(X=sparse.csr_matrix(x) if sparse_x else x, obs=obs, var=var)
+    if with_counts:
+        out.layers["counts"] = sparse.csr_matrix(counts)
+    return out
 
 
 def make_dense_kang(n_genes: int = 300, n_cells: int | None = 600, seed: int = 0) -> AnnData:

@@ -14,6 +14,7 @@ from anndata import AnnData
 from .._constants import PDIFF_KEYS
 from .._validation import MissingKeyError, check_log_normalised, dense_rows, layer_names
 from ..data import control_pool
+from ._counts import counts_matrix, library_sizes
 
 if TYPE_CHECKING:
     from ._model import PerturbDiff
@@ -34,6 +35,8 @@ class ControlSource:
 
     def __init__(self, model: PerturbDiff, control_adata: AnnData | None, codes: tuple[np.ndarray, ...]):
         self.model = model
+        self.control_adata = control_adata
+        self._counts = None
         self.codes = codes
         self.control_code = model._control_code
         self._pools: dict[tuple[int, int], np.ndarray] = {}
@@ -82,6 +85,15 @@ class ControlSource:
     def rows(self, c: int, b: int, idx: np.ndarray) -> np.ndarray:
         """Dense float32 expression of the pool's cells at positions ``idx``."""
         return dense_rows(self.matrix, self.pool(c, b)[idx], dtype=np.float32)
+
+    def load_counts(self, counts_layer: str) -> None:
+        """Read (and check) the raw counts layer that :meth:`library_sizes` sums."""
+        user_rows = None if self.user is None else self.user["rows"]
+        self._counts = counts_matrix(self.model, self.control_adata, counts_layer, user_rows)
+
+    def library_sizes(self, c: int, b: int, idx: np.ndarray) -> np.ndarray:
+        """Total raw counts over the model's genes of the pool's cells at positions ``idx`` (after ``load_counts``)."""
+        return library_sizes(self._counts, self.pool(c, b)[idx])
 
 
 def prepare_control_adata(model: PerturbDiff, control_adata: AnnData):
@@ -135,4 +147,5 @@ def prepare_control_adata(model: PerturbDiff, control_adata: AnnData):
             codes[name] = np.full(int(keep.sum()), -1)
     codes["no_ctx"] = model._setup_arg("context_key") not in obs.columns
     rows = np.flatnonzero(keep)
+    codes["rows"] = rows  # positions in control_adata of the cells kept (its control cells)
     return matrix[rows], codes

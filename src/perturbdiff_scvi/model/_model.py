@@ -84,6 +84,21 @@ class PerturbDiff(BaseModelClass):
         Weight of the set energy term in the loss (1 as released; 0 gives a per-cell MSE-only model).
     mse_weight
         Weight of the per-cell MSE term.
+    energy_weighting
+        ``"constant"`` (released): the energy term weighs the same at every timestep. ``"abar"`` (not in the
+        released method): it is weighted by ``abar_t`` of each set's timestep (1 at low noise, 0 at pure noise).
+        At high noise the best ``x0`` estimate is a conditional mean; an energy term there trains the estimate
+        to be a diverse sample instead, which the DDIM update then adds on top of the state's own spread.
+    preconditioning
+        ``"none"`` (released): the denoiser's output is the clean estimate ``x0``. ``"edm"`` (not in the released
+        method; Karras et al. 2022 in variance-preserving form): ``x0 = relu(c_skip(t) x_t / sqrt(abar_t) +
+        c_out(t) F)``, a skip connection that passes the state through at low noise (``c_skip -> 1``) and leaves
+        the network the whole estimate at high noise; see
+        :class:`~perturbdiff_scvi.module.PerturbDiffModule`.
+    sigma_data
+        With ``preconditioning="edm"``: the standard deviation of the data in diffusion units; ``"auto"`` = the
+        standard deviation of all registered training values divided by ``input_scale`` (stored resolved).
+        Not used otherwise.
     p_drop_cond
         Probability of training a set with the null covariate embedding (classifier-free guidance). The
         released runs use 0.5; 0.2 trains the conditional model on more sets, which short runs need (see the
@@ -128,6 +143,9 @@ class PerturbDiff(BaseModelClass):
         input_scale: float | Literal["auto"] = 1.0,
         energy_weight: float = 1.0,
         mse_weight: float = 1.0,
+        energy_weighting: Literal["constant", "abar"] = "constant",
+        preconditioning: Literal["none", "edm"] = "none",
+        sigma_data: float | Literal["auto"] = "auto",
         p_drop_cond: float = 0.2,
         p_self_cond: float = 0.5,
         ema_decay: float = 0.99,
@@ -138,10 +156,17 @@ class PerturbDiff(BaseModelClass):
         input_scale = _ranges.input_scale_value(
             input_scale, lambda: self.adata_manager.get_from_registry(PDIFF_KEYS.X_KEY)
         )
+        if preconditioning == "edm":  # resolved and stored as a float; unused (1.0) without preconditioning
+            sigma_data = _ranges.sigma_data_value(
+                sigma_data, input_scale, lambda: self.adata_manager.get_from_registry(PDIFF_KEYS.X_KEY)
+            )
+        elif isinstance(sigma_data, str):
+            sigma_data = 1.0
         hparams = check_hyperparameters(
             set_size=set_size, n_hidden=n_hidden, depth=depth, n_heads=n_heads, mlp_ratio=mlp_ratio, n_cov=n_cov,
             n_cov_hidden=n_cov_hidden, n_timesteps=n_timesteps, beta_schedule=beta_schedule, input_scale=input_scale,
-            energy_weight=energy_weight, mse_weight=mse_weight, p_drop_cond=p_drop_cond, p_self_cond=p_self_cond,
+            energy_weight=energy_weight, mse_weight=mse_weight, energy_weighting=energy_weighting,
+            preconditioning=preconditioning, sigma_data=sigma_data, p_drop_cond=p_drop_cond, p_self_cond=p_self_cond,
             ema_decay=ema_decay, ema_every=ema_every,
         )  # fmt: skip
         ss = self.summary_stats
@@ -570,6 +595,9 @@ class PerturbDiff(BaseModelClass):
         zero_threshold: float | Literal["auto"] | None = None,
         start_time: int | None = None,
         x0_bound: float | Literal["auto"] | None = None,
+        init: Literal["noise", "control"] = "noise",
+        counts: bool = False,
+        counts_layer: str = "counts",
     ) -> AnnData:
         """Generate cell populations for (perturbation, context, batch) combinations.
 
@@ -648,6 +676,23 @@ class PerturbDiff(BaseModelClass):
             estimate also drives the DDIM update and the self-conditioning, like a clipped ``x0`` in image
             diffusion; with ``bias_correction`` the corrected values are capped again. Recorded in
             ``uns["perturbdiff"]["x0_bound"]``.
+        init
+            Not in the released method. ``"noise"`` (default, released): the reverse chain starts from pure noise.
+            ``"control"``: it starts from the matched control set noised to the first visited timestep (SDEdit);
+            then ``start_time`` also applies to ``"ddim"`` / ``"ddpm"`` (``min(n_steps, start_time)`` steps
+            strided over ``start_time - 1, ..., 0``) and sets how far the cells may move from their controls.
+            Measured on Kang and the dense panel it did not make cells more realistic (benchmarks/README.md).
+        counts
+            Also sample counts, for count-based tools (e.g. DE with pydeseq2 or ``sc.pp.normalize_total``
+            pipelines): cell ``i`` of each set gets the library size (total over the model's genes) of control cell
+            ``i`` of the set's control draw, and ``counts ~ Multinomial(library, expm1(x) / sum expm1(x))``. They
+            are returned in ``layers["counts"]``, and ``X`` is re-normalised from them,
+            ``log1p(counts * sum(expm1(x)) / library)``, on each predicted cell's own scale (so ``X`` then has
+            the sampling noise and the zeros of real counts). Needs raw counts of the control cells
+            (``counts_layer``).
+        counts_layer
+            With ``counts=True``: the layer of the registered AnnData (its RNA modality for MuData), or of
+            ``control_adata`` when given, that holds raw counts (whole numbers) of the control cells.
 
         Returns
         -------
@@ -661,6 +706,8 @@ class PerturbDiff(BaseModelClass):
         >>> released = model.predict_population("stimulated", contexts="CD4T", sampler="ddim_truncated",
         ...                                     start_time=100, guidance_scale=1.0, seed=0)
         >>> bounded = model.predict_population("stimulated", contexts="CD4T", x0_bound="auto", seed=0)
+        >>> with_counts = model.predict_population("stimulated", contexts="CD4T", counts=True, seed=0)
+        >>> with_counts.layers["counts"]  # whole numbers; with_counts.X re-normalised from them
         """
         self._check_if_trained(warn=True)
         options = _predict.SamplingOptions.checked(
@@ -671,6 +718,7 @@ class PerturbDiff(BaseModelClass):
             use_ema=use_ema,
             n_timesteps=self.module.diffusion.n_timesteps,
             start_time=start_time,
+            init=init,
         )
         return _predict.predict(
             self,
@@ -685,4 +733,6 @@ class PerturbDiff(BaseModelClass):
             bias_correction=bias_correction,
             zero_threshold=zero_threshold,
             x0_bound=x0_bound,
+            counts=counts,
+            counts_layer=counts_layer,
         )

@@ -18,6 +18,7 @@ from ..data import registered_codes
 from ..diffusion import RELEASED_START_TIME, SAMPLER_NAMES
 from ..diffusion._sampling import sampler_choices
 from ._controls import ControlSource
+from ._counts import sample_counts
 from ._ranges import x0_bound_value
 
 if TYPE_CHECKING:
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 
 Sampler = Literal["ddim", "ddpm", "ddim_truncated"]
 SAMPLERS: tuple[str, ...] = SAMPLER_NAMES
+#: Where the reverse chain starts: pure noise (released) or the matched control set noised to ``start_time``.
+INITS: tuple[str, ...] = ("noise", "control")
 #: Reverse steps of the strided samplers (``"ddim"``, ``"ddpm"``) when ``n_steps=None``.
 DEFAULT_N_STEPS = 50
 
@@ -62,10 +65,11 @@ class SamplingOptions:
     batch_size: int
     use_ema: bool
     start_time: int | None = None
+    init: str = "noise"
 
     @classmethod
     def checked(
-        cls, *, n_steps, sampler, guidance_scale, batch_size, use_ema, n_timesteps: int, start_time=None
+        cls, *, n_steps, sampler, guidance_scale, batch_size, use_ema, n_timesteps: int, start_time=None, init="noise"
     ) -> SamplingOptions:
         if not is_finite_number(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0 (0 = no guidance); got {guidance_scale!r}.")
@@ -73,6 +77,8 @@ class SamplingOptions:
             raise ValueError(f"sampler must be {sampler_choices()}; got {sampler!r}.")
         if not isinstance(use_ema, bool | np.bool_):
             raise ValueError(f"use_ema must be True or False; got {use_ema!r}.")
+        if not isinstance(init, str) or init not in INITS:
+            raise ValueError(f"init must be 'noise' (pure noise, as released) or 'control'; got {init!r}.")
         if sampler == "ddim_truncated":
             if n_steps is not None:
                 raise ValueError(
@@ -83,6 +89,9 @@ class SamplingOptions:
                 start_time = min(RELEASED_START_TIME, n_timesteps)
             start_time = positive_int(start_time, "start_time", upper=n_timesteps, upper_name="n_timesteps")
             n_steps = start_time
+        elif start_time is not None and init == "control":
+            start_time = positive_int(start_time, "start_time", upper=n_timesteps, upper_name="n_timesteps")
+            n_steps = min(DEFAULT_N_STEPS if n_steps is None else positive_int(n_steps, "n_steps"), start_time)
         elif start_time is not None:
             raise ValueError(
                 f"start_time={start_time!r} only applies to sampler='ddim_truncated'; sampler={sampler!r} strides "
@@ -97,6 +106,7 @@ class SamplingOptions:
             batch_size=positive_int(batch_size, "batch_size"),
             use_ema=bool(use_ema),
             start_time=start_time,
+            init=init,
         )
 
 
@@ -198,6 +208,8 @@ def sample_jobs(
     extra = {}
     if options.start_time is not None:
         extra["start_time"] = options.start_time
+    if options.init != "noise":
+        extra["init"] = options.init
     if x0_max is not None:
         extra["x0_max"] = torch.as_tensor(x0_max)
     from scvi.utils import track
@@ -250,15 +262,24 @@ def assemble(
     cells: list[np.ndarray],
     n_populations: int,
     uns: dict,
+    layers: dict[str, list[np.ndarray]] | None = None,
 ) -> AnnData:
-    """The output AnnData: each population cut to its condition's ``n`` cells, in condition order."""
-    by_pop: dict[tuple[int, int], list[np.ndarray]] = {}
-    for job, x in zip(jobs, cells, strict=True):
-        by_pop.setdefault((job.condition, job.population), []).append(x)
+    """The output AnnData: each population cut to its condition's ``n`` cells, in condition order.
+
+    ``layers`` maps a layer name to per-job arrays laid out like ``cells`` (e.g. sampled counts).
+    """
+    layers = layers or {}
+    by_pop: dict[tuple[int, int], list[int]] = {}
+    for i, job in enumerate(jobs):
+        by_pop.setdefault((job.condition, job.population), []).append(i)
     blocks, meta = [], {"pert": [], "ctx": [], "batch": [], "population": []}
+    layer_blocks = {name: [] for name in layers}
     for ci, cond in enumerate(conditions):
         for pop in range(n_populations):
-            blocks.append(np.concatenate(by_pop[(ci, pop)])[: cond.n])
+            idx = by_pop[(ci, pop)]
+            blocks.append(np.concatenate([cells[i] for i in idx])[: cond.n])
+            for name, values in layers.items():
+                layer_blocks[name].append(np.concatenate([values[i] for i in idx])[: cond.n])
             for name, value in {"pert": ci, "ctx": cond.ctx, "batch": cond.batch, "population": pop}.items():
                 meta[name].extend([value] * cond.n)
     # Registered labels keep their registry order; combinations never registered follow as requested.
@@ -273,7 +294,7 @@ def assemble(
         if key is not None:
             used = sorted(set(values))
             obs[key] = pd.Categorical.from_codes([used.index(c) for c in values], categories=model._mapping(reg)[used])
-    return population_adata(
+    out = population_adata(
         np.concatenate(blocks),
         obs=obs,
         population=np.asarray(meta["population"]),
@@ -282,6 +303,9 @@ def assemble(
         uns_key="perturbdiff",
         uns=uns,
     )
+    for name, values in layer_blocks.items():
+        out.layers[name] = np.concatenate(values)
+    return out
 
 
 def predict(
@@ -298,6 +322,8 @@ def predict(
     bias_correction: bool,
     zero_threshold,
     x0_bound=None,
+    counts: bool = False,
+    counts_layer: str = "counts",
 ) -> AnnData:
     """What ``PerturbDiff.predict_population`` does, with its arguments checked here (see its docstring)."""
     module = model.module
@@ -331,7 +357,11 @@ def predict(
             for v in as_list(batches, "batches")
         ]
     )
+    if not isinstance(counts, bool | np.bool_):
+        raise ValueError(f"counts must be True or False; got {counts!r}.")
     source = ControlSource(model, control_adata, codes)
+    if counts:
+        source.load_counts(counts_layer)  # a missing or non-count layer fails here, before any sampling
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
     conditions, jobs = plan(
@@ -357,6 +387,18 @@ def predict(
         from ..metrics import zero_small_values
 
         cells = [zero_small_values(x, zero_threshold) for x in cells]
+    layers = None
+    if counts:
+        count_rng = np.random.default_rng(rng.integers(2**62))  # drawn last: counts=False draws stay the same
+        pairs = [
+            sample_counts(
+                x, source.library_sizes(conditions[job.condition].ctx, conditions[job.condition].batch,
+                                        job.control_rows), count_rng
+            )
+            for job, x in zip(jobs, cells, strict=True)
+        ]  # fmt: skip
+        layers = {"counts": [p[0] for p in pairs]}
+        cells = [p[1] for p in pairs]
     uns = {
         "perturbations": [str(v) for v in perturbations],
         "n_populations": n_populations,
@@ -364,6 +406,7 @@ def predict(
         "n_steps": options.n_steps,
         "sampler": options.sampler,
         "start_time": "None" if options.start_time is None else int(options.start_time),
+        "init": options.init,
         "seed": "None" if seed is None else int(seed),
         "set_size": int(module.set_size),
         "use_ema": options.use_ema,
@@ -371,5 +414,6 @@ def predict(
         "bias_correction": bool(bias_correction),
         "zero_threshold": "None" if zero_threshold is None else float(zero_threshold),
         "x0_bound": "None" if x0_bound is None else (x0_bound if isinstance(x0_max, np.ndarray) else float(x0_max)),
+        "counts": "None" if not counts else str(counts_layer),
     }
-    return assemble(model, conditions, jobs, cells, n_populations, uns)
+    return assemble(model, conditions, jobs, cells, n_populations, uns, layers)

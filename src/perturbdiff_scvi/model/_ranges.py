@@ -55,6 +55,25 @@ def input_scale_value(value, training_matrix: Callable[[], object]):
     return scale
 
 
+def sigma_data_value(value, input_scale: float, training_matrix: Callable[[], object]) -> float:
+    """``sigma_data`` as a float: for ``"auto"`` the standard deviation of every training value / ``input_scale``."""
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"sigma_data must be a number > 0 or 'auto'; got {value!r}.")
+        x = training_matrix()
+        n = x.shape[0] * x.shape[1]
+        data = x.data if hasattr(x, "data") and hasattr(x, "nnz") else np.asarray(x).ravel()
+        mean = float(np.sum(data, dtype=np.float64)) / n
+        var = float(np.sum(np.square(data, dtype=np.float64))) / n - mean**2
+        value = float(np.sqrt(max(var, 0.0))) / float(input_scale)
+        if not np.isfinite(value) or value <= 0:
+            raise ValueError("sigma_data='auto' needs varying training expression; pass a number (e.g. 1.0).")
+        return value
+    if not is_finite_number(value) or value <= 0:
+        raise ValueError(f"sigma_data must be a number > 0 or 'auto'; got {value!r}.")
+    return float(value)
+
+
 def x0_bound_value(value, training_matrix: Callable[[], object]) -> np.ndarray | float | None:
     """``x0_bound`` in expression units: ``None``; ``"auto"`` = 1.5 x the per-gene training maximum ``(G,)``;
     or a number > 0 (one cap for every gene)."""

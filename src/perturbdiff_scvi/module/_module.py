@@ -44,6 +44,17 @@ class PerturbDiffModule(BaseModuleClass):
         runs use ``normalize_counts=10``; 1 by default here).
     energy_weight, mse_weight
         Loss = ``mse_weight * MSE + energy_weight * energy``, energy being half the energy distance.
+    energy_weighting
+        ``"constant"`` (released): the energy term has the same weight at every timestep. ``"abar"``: it is
+        multiplied by ``abar_t`` of each set's timestep, so it acts where ``x0`` is nearly determined by ``x_t``
+        (low noise) and fades where the best estimate is a conditional mean (high noise).
+    preconditioning, sigma_data
+        ``"none"`` (released): the denoiser's output is the ``x0`` estimate. ``"edm"`` (Karras et al. 2022, in
+        VP form): ``x0 = relu(c_skip x_t / sqrt(abar) + c_out F)`` with ``sigma^2 = (1 - abar) / abar``,
+        ``c_skip = sigma_data^2 / (sigma^2 + sigma_data^2)`` and ``c_out = sigma sigma_data / sqrt(sigma^2 +
+        sigma_data^2)``, so that at low noise the estimate passes the state through instead of rebuilding every
+        gene of every cell from the ``n_hidden``-wide token. ``sigma_data``: standard deviation of the data in
+        diffusion units.
     p_drop_cond
         Probability per set of replacing the covariates by the null embedding (classifier-free guidance).
     p_self_cond
@@ -72,6 +83,9 @@ class PerturbDiffModule(BaseModuleClass):
         input_scale: float = 1.0,
         energy_weight: float = 1.0,
         mse_weight: float = 1.0,
+        energy_weighting: Literal["constant", "abar"] = "constant",
+        preconditioning: Literal["none", "edm"] = "none",
+        sigma_data: float = 1.0,
         p_drop_cond: float = 0.2,
         p_self_cond: float = 0.5,
         ema_decay: float = 0.99,
@@ -83,6 +97,9 @@ class PerturbDiffModule(BaseModuleClass):
         self.input_scale = input_scale
         self.energy_weight = energy_weight
         self.mse_weight = mse_weight
+        self.energy_weighting = energy_weighting
+        self.preconditioning = preconditioning
+        self.sigma_data = float(sigma_data)
         self.p_drop_cond = p_drop_cond
         self.p_self_cond = p_self_cond
         self.ema_decay = ema_decay
@@ -98,6 +115,7 @@ class PerturbDiffModule(BaseModuleClass):
             mlp_ratio=mlp_ratio,
             n_cov=n_cov,
             n_cov_hidden=n_cov_hidden,
+            nonnegative=preconditioning == "none",
         )
         self.ema = copy.deepcopy(self.denoiser).requires_grad_(False)
         if perturbation_components is not None:
@@ -106,6 +124,18 @@ class PerturbDiffModule(BaseModuleClass):
             self.perturbation_components = None
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         self.diffusion = GaussianDiffusion(n_timesteps, beta_schedule)
+
+    def _x0(self, net, x_t: torch.Tensor, t: torch.Tensor, *condition) -> torch.Tensor:
+        """The clean estimate of ``net`` at ``(x_t, t)``, with the preconditioning applied."""
+        out = net(x_t, t, *condition)
+        if self.preconditioning == "none":
+            return out
+        abar = self.diffusion.alphas_cumprod[t].to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
+        sigma2 = (1 - abar) / abar
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / (sigma2 + sd2)
+        c_out = (sigma2 * sd2 / (sigma2 + sd2)).sqrt()
+        return torch.relu(c_skip * x_t / abar.sqrt() + c_out * out)
 
     # ----------------------------------------------------------------- batch layout
     def _unpack(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -161,9 +191,9 @@ class PerturbDiffModule(BaseModuleClass):
         self_cond = torch.zeros_like(x0)
         if self.training and torch.rand(()) < self.p_self_cond:  # one coin per step, as released
             with torch.no_grad():
-                self_cond = self.denoiser(x_t, t, x_ctrl, pert, ctx, batch, None, drop_cond)
-        x0_hat = self.denoiser(x_t, t, x_ctrl, pert, ctx, batch, self_cond, drop_cond)
-        return {"x0_hat": x0_hat}
+                self_cond = self._x0(self.denoiser, x_t, t, x_ctrl, pert, ctx, batch, None, drop_cond)
+        x0_hat = self._x0(self.denoiser, x_t, t, x_ctrl, pert, ctx, batch, self_cond, drop_cond)
+        return {"x0_hat": x0_hat, "t": t}
 
     def loss(
         self,
@@ -176,7 +206,10 @@ class PerturbDiffModule(BaseModuleClass):
         x0_hat = generative_outputs["x0_hat"]
         mse = per_set_mse(x0_hat, x0)  # (B,)
         energy = 0.5 * energy_distance(x0_hat, x0)  # (B,)
-        per_set = self.mse_weight * mse + self.energy_weight * energy
+        weight = self.energy_weight
+        if self.energy_weighting == "abar":
+            weight = weight * self.diffusion.alphas_cumprod[generative_outputs["t"]].to(energy.dtype)
+        per_set = self.mse_weight * mse + weight * energy
         return LossOutput(
             loss=per_set.mean(),
             reconstruction_loss=per_set,
@@ -213,6 +246,7 @@ class PerturbDiffModule(BaseModuleClass):
         start_time: int | None = None,
         x0_max: torch.Tensor | float | None = None,
         step_callback: StepCallback | None = None,
+        init: Literal["noise", "control"] = "noise",
     ) -> torch.Tensor:
         """Generate perturbed sets ``(B, S, G)`` (expression scale) for controls ``x_ctrl`` ``(B, S, G)``.
 
@@ -224,8 +258,12 @@ class PerturbDiffModule(BaseModuleClass):
         units: a float or a per-gene ``(G,)`` tensor; ``None`` = no cap) caps each step's clean estimate, so the
         output lies in ``[0, x0_max]``. ``step_callback(t, x_t, x0)`` sees every step's state and estimate in
         expression units (multiplied back by ``input_scale``), e.g. a
-        :class:`~perturbdiff_scvi.diffusion.RangeMonitor`.
+        :class:`~perturbdiff_scvi.diffusion.RangeMonitor`. ``init="control"`` starts the chain from the control
+        sets noised to the first visited timestep instead of from pure noise (``x_start`` of
+        :func:`~perturbdiff_scvi.diffusion.sample_loop_progressive`).
         """
+        if init not in ("noise", "control"):
+            raise ValueError(f"init must be 'noise' or 'control'; got {init!r}.")
         net = self.ema if use_ema else self.denoiser
         device = next(net.parameters()).device
         x_ctrl = x_ctrl.to(device) / self.input_scale
@@ -235,7 +273,7 @@ class PerturbDiffModule(BaseModuleClass):
         keep = torch.zeros(x_ctrl.shape[0], dtype=torch.bool, device=device)
 
         def denoise(x_t, t, self_cond, drop: bool):
-            return net(x_t, t, x_ctrl, pert, ctx, batch, self_cond, keep | drop)
+            return self._x0(net, x_t, t, x_ctrl, pert, ctx, batch, self_cond, keep | drop)
 
         extra = {}
         if start_time is not None:
@@ -243,6 +281,8 @@ class PerturbDiffModule(BaseModuleClass):
         if x0_max is not None:
             x0_max = torch.as_tensor(x0_max, dtype=x_ctrl.dtype, device=device)
             extra["x0_max"] = x0_max / self.input_scale  # model space
+        if init == "control":
+            extra["x_start"] = x_ctrl
         if step_callback is not None:
             scale = self.input_scale
             extra["step_callback"] = lambda t, x_t, x0: step_callback(t, x_t * scale, x0 * scale)

@@ -210,15 +210,17 @@ class JointDiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """LayerNorm + adaLN shift/scale + Linear(H -> G) + ReLU (predictions are non-negative log1p values)."""
 
-    def __init__(self, n_hidden: int, n_genes: int):
+    def __init__(self, n_hidden: int, n_genes: int, nonnegative: bool = True):
         super().__init__()
         self.norm = nn.LayerNorm(n_hidden, elementwise_affine=False, eps=1e-6)
         self.ada = nn.Linear(n_hidden, 2 * n_hidden)
         self.linear = nn.Linear(n_hidden, n_genes)
+        self.nonnegative = nonnegative  # False: raw output, for a caller that adds a skip term first
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # (B, S, H) -> (B, S, G)
         shift, scale = self.ada(F.silu(c)).chunk(2, dim=-1)
-        return F.relu(self.linear(modulate(self.norm(h), shift, scale)))
+        out = self.linear(modulate(self.norm(h), shift, scale))
+        return F.relu(out) if self.nonnegative else out
 
 
 #################################################################################
@@ -263,6 +265,7 @@ class SetDiT(nn.Module):
         mlp_ratio: float = 4.0,
         n_cov: int = 64,
         n_cov_hidden: int | None = None,
+        nonnegative: bool = True,
     ):
         super().__init__()
         self.n_genes = n_genes
@@ -278,7 +281,7 @@ class SetDiT(nn.Module):
         self.blocks = nn.ModuleList(
             [JointDiTBlock(n_hidden, n_heads, mlp_ratio, update_control=i < depth - 1) for i in range(depth)]
         )
-        self.final = FinalLayer(n_hidden, n_genes)
+        self.final = FinalLayer(n_hidden, n_genes, nonnegative)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:

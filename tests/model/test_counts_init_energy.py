@@ -1,0 +1,159 @@
+"""``predict_population(counts=True)``, ``init="control"`` and ``energy_weighting="abar"``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _helpers import TINY, TINY_TRAIN, make_perturbation_adata
+
+from perturbdiff_scvi.model._counts import sample_counts
+
+SETUP = {"perturbation_key": "pert", "control_value": "ctrl", "context_key": "ctx", "batch_key": "batch"}
+
+
+@pytest.fixture
+def counts_model(scvi_module):
+    from perturbdiff_scvi import PerturbDiff
+
+    adata = make_perturbation_adata(with_counts=True)
+    PerturbDiff.setup_anndata(adata, **SETUP)
+    model = PerturbDiff(adata, **TINY)
+    model.train(**TINY_TRAIN)
+    return model
+
+
+def test_sample_counts_keeps_library_and_rates():
+    rng = np.random.default_rng(0)
+    rates = np.array([[1.0, 3.0, 0.0, 6.0]] * 4000)
+    x = np.log1p(rates)
+    library = np.full(4000, 50.0)
+    counts, renorm = sample_counts(x, library, rng)
+    assert np.all(counts.sum(1) == 50) and np.all(counts == np.floor(counts))
+    assert np.all(counts[:, 2] == 0)  # a zero rate never gets a count
+    np.testing.assert_allclose(counts.mean(0), 50 * rates[0] / rates[0].sum(), rtol=0.02)
+    # re-normalised on the cell's own scale: expm1 sums back to sum(expm1(x)) = 10
+    np.testing.assert_allclose(np.expm1(renorm).sum(1), 10.0, rtol=1e-5)
+    # an all-zero cell or a zero library gives zeros, not NaN
+    c0, x0 = sample_counts(np.zeros((2, 3)), np.array([0.0, 10.0]), rng)
+    assert not c0.any() and not x0.any()
+
+
+def test_counts_output_uses_control_library_sizes(counts_model):
+    model = counts_model
+    pred = model.predict_population("A", contexts="c0", batches="b0", n_cells=40, seed=0, counts=True)
+    counts = pred.layers["counts"]
+    assert counts.shape == pred.shape and np.all(counts == np.floor(counts)) and counts.min() >= 0
+    real_lib = np.asarray(model.adata.layers["counts"].sum(1)).ravel()
+    ctrl = (model.adata.obs["pert"] == "ctrl").to_numpy()
+    lib = counts.sum(1)
+    assert real_lib[ctrl].min() <= lib.min() and lib.max() <= real_lib[ctrl].max()
+    assert np.all(pred.X[counts == 0] == 0)  # X re-normalised from the counts: their zeros
+    assert pred.uns["perturbdiff"]["counts"] == "counts"
+    # the perturbation's up-regulated genes 0-4 get more counts than the unchanged genes 15-29
+    assert counts[:, :5].mean() > counts[:, 15:].mean()
+    # same seed, same counts; counts=False keeps its draws unchanged
+    again = model.predict_population("A", contexts="c0", batches="b0", n_cells=40, seed=0, counts=True)
+    np.testing.assert_array_equal(again.layers["counts"], counts)
+    plain = model.predict_population("A", contexts="c0", batches="b0", n_cells=40, seed=0)
+    assert "counts" not in plain.layers and plain.uns["perturbdiff"]["counts"] == "None"
+
+
+def test_counts_missing_layer_is_a_clear_error(trained_model):
+    with pytest.raises(KeyError, match="counts=True needs the raw counts.*no layer 'counts'"):
+        trained_model.predict_population("A", contexts="c0", n_cells=8, counts=True)
+    with pytest.raises(ValueError, match="counts must be True or False"):
+        trained_model.predict_population("A", contexts="c0", n_cells=8, counts="yes")
+
+
+def test_counts_rejects_non_integer_layer(counts_model):
+    counts_model.adata.layers["lognorm"] = counts_model.adata.X.copy()
+    with pytest.raises(ValueError, match="non-integer values"):
+        counts_model.predict_population("A", contexts="c0", n_cells=8, counts=True, counts_layer="lognorm")
+
+
+def test_counts_from_control_adata(counts_model):
+    ctrl = counts_model.adata[counts_model.adata.obs["pert"] == "ctrl"].copy()
+    ctrl.layers["counts"] = ctrl.layers["counts"] * 3  # bigger libraries than the registered cells
+    pred = counts_model.predict_population("A", contexts="c0", n_cells=16, seed=0, control_adata=ctrl, counts=True)
+    assert pred.layers["counts"].sum(1).min() >= 3 * np.asarray(counts_model.adata.layers["counts"].sum(1)).min()
+
+
+def test_init_control_starts_from_noised_controls(trained_model):
+    model = trained_model
+    a = model.predict_population("A", contexts="c0", batches="b0", n_cells=16, seed=0, init="control", start_time=20)
+    b = model.predict_population("A", contexts="c0", batches="b0", n_cells=16, seed=0)
+    assert a.uns["perturbdiff"]["init"] == "control" and a.uns["perturbdiff"]["n_steps"] == 20
+    assert not np.allclose(a.X, b.X)
+    with pytest.raises(ValueError, match="init must be 'noise'"):
+        model.predict_population("A", contexts="c0", n_cells=8, init="data")
+    with pytest.raises(ValueError, match="start_time=20 only applies"):
+        model.predict_population("A", contexts="c0", n_cells=8, start_time=20)
+
+
+def test_init_control_at_t1_returns_one_denoising_of_the_controls(trained_model):
+    """start_time=1: one step from controls noised to t = 0, i.e. the denoiser's estimate of (nearly) them."""
+    from perturbdiff_scvi.diffusion import GaussianDiffusion, sample_loop
+
+    diffusion = GaussianDiffusion(100)
+    x_start = torch.rand(2, 4, 3)
+    seen = {}
+
+    def denoise(x_t, t, self_cond, drop):
+        seen["x_t"], seen["t"] = x_t.clone(), t.clone()
+        return x_t
+
+    sample_loop(denoise, diffusion, (2, 4, 3), sampler="ddim", start_time=1, x_start=x_start, guidance_scale=0.0)
+    assert int(seen["t"][0]) == 0
+    abar = float(diffusion.alphas_cumprod[0])
+    assert torch.allclose(seen["x_t"].mean(), abar**0.5 * x_start.mean(), atol=0.05)
+
+
+def test_energy_weighting_abar_scales_the_energy_term(setup_adata):
+    from perturbdiff_scvi import PerturbDiff
+    from perturbdiff_scvi._constants import PDIFF_KEYS
+
+    model = PerturbDiff(setup_adata, **TINY, energy_weighting="abar")
+    module = model.module
+    s, g = module.set_size, module.n_genes
+    x = torch.rand(2 * 2 * s, g)
+    tensors = {PDIFF_KEYS.X_KEY: x}
+    for key in (PDIFF_KEYS.PERT_KEY, PDIFF_KEYS.CONTEXT_KEY, PDIFF_KEYS.BATCH_KEY):
+        tensors[key] = torch.zeros(2 * 2 * s, 1)
+    x0_hat = torch.rand(2, s, g)
+    t = torch.tensor([0, 99])
+    weighted = module.loss(tensors, {}, {"x0_hat": x0_hat, "t": t}).reconstruction_loss["reconstruction_loss"]
+    module.energy_weighting = "constant"
+    plain = module.loss(tensors, {}, {"x0_hat": x0_hat, "t": t}).reconstruction_loss["reconstruction_loss"]
+    module.energy_weight = 0.0
+    mse_only = module.loss(tensors, {}, {"x0_hat": x0_hat, "t": t}).reconstruction_loss["reconstruction_loss"]
+    abar = module.diffusion.alphas_cumprod[t]
+    torch.testing.assert_close(weighted - mse_only, abar * (plain - mse_only))
+    assert abar[0] > 0.99 and abar[1] < 0.01  # low noise keeps the energy term, pure noise almost drops it
+    with pytest.raises(ValueError, match="energy_weighting must be"):
+        PerturbDiff(setup_adata, **TINY, energy_weighting="t")
+
+
+def test_edm_preconditioning_passes_the_state_through_at_low_noise(setup_adata):
+    from perturbdiff_scvi import PerturbDiff
+
+    model = PerturbDiff(setup_adata, **TINY, preconditioning="edm")
+    module = model.module
+    x = setup_adata.X.toarray()
+    assert module.sigma_data == pytest.approx(x.std(), rel=1e-4)  # "auto": std of every training value
+    assert not module.denoiser.final.nonnegative  # raw network output; the ReLU comes after the skip term
+
+    def zero_net(x_t, t, *condition):
+        return torch.zeros_like(x_t)
+
+    x_t = torch.rand(2, 3, 4)
+    low = module._x0(zero_net, x_t, torch.tensor([0, 0]))
+    high = module._x0(zero_net, x_t, torch.tensor([99, 99]))
+    abar0 = float(module.diffusion.alphas_cumprod[0])
+    torch.testing.assert_close(low, x_t / abar0**0.5, rtol=0.02, atol=1e-3)  # c_skip ~ 1 at t = 0
+    assert high.abs().max() < 0.05  # c_skip ~ 0 at pure noise: the network gives the whole estimate
+    assert PerturbDiff(setup_adata, **TINY).module.sigma_data == 1.0  # unused without preconditioning
+    with pytest.raises(ValueError, match="preconditioning must be"):
+        PerturbDiff(setup_adata, **TINY, preconditioning="karras")
+    with pytest.raises(ValueError, match="sigma_data must be"):
+        PerturbDiff(setup_adata, **TINY, preconditioning="edm", sigma_data=-1.0)

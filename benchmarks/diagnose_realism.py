@@ -11,10 +11,11 @@ is drawn from the same trained model, so the sampling rows of a case differ only
 
 Training variants: ``default``; ``input_scale_auto`` (``PerturbDiff(input_scale="auto")``); ``no_self_cond``
 (``p_self_cond=0``); ``set_size_32``; ``steps_x2`` (twice the training steps); ``energy_0`` (``energy_weight=0``,
-MSE only); ``energy_abar`` (``energy_weighting="abar"``); ``edm`` (``preconditioning="edm"``); ``edm_abar`` (both).
-Sampling variants: DDIM 50 steps
-(default), DDIM 200 steps, DDPM 50 steps, the released truncated DDIM (``start_time=100``), guidance 0 and 1, and
-``x0_bound="auto"``. Scored with ``tl.evaluate`` (PCA of the training cells) against the real held-out cells,
+MSE only); ``energy_abar`` (``energy_weighting="abar"``); ``edm`` (``preconditioning="edm"``); ``edm_abar`` (both);
+``edm_energy_0`` (``preconditioning="edm"``, ``energy_weight=0``). Sampling variants: DDIM 50 steps (default),
+DDIM 200 steps, DDPM 50 steps, the released truncated DDIM (``start_time=100``), guidance 0 and 1,
+``x0_bound="auto"``, ``init="control"`` from ``start_time=300``, ``counts=True`` (with guidance 0.5 and 0).
+Scored with ``tl.evaluate`` (PCA of the training cells) against the real held-out cells,
 beside the additive baseline, the control cells and the half-vs-half ceiling. The trajectory table records, for the
 default sampler on each default model, the maximum of ``x_t`` and of the x0 estimate at each step and their share
 above the training maximum of the gene.
@@ -52,6 +53,8 @@ SAMPLING = {
     "guidance1": {"guidance_scale": 1.0},
     "x0_bound_auto": {"x0_bound": "auto"},
     "init_control_t300": {"init": "control", "start_time": 300},
+    "counts": {"counts": True},
+    "counts_guidance0": {"counts": True, "guidance_scale": 0.0},
 }
 TRAINING = {
     "default": {},
@@ -63,6 +66,7 @@ TRAINING = {
     "energy_abar": {"energy_weighting": "abar"},
     "edm": {"preconditioning": "edm"},
     "edm_abar": {"preconditioning": "edm", "energy_weighting": "abar"},
+    "edm_energy_0": {"preconditioning": "edm", "energy_weight": 0.0},
 }
 HELD_OUT_TYPE = "CD4T"
 

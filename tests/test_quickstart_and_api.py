@@ -34,7 +34,8 @@ def test_quickstart_cli_writes_outputs(scvi_module, tmp_path, capsys):
     realism = metrics["realism"]
     assert 0.3 < realism["c2st_auroc_ceiling"] < 0.7 and realism["c2st_auroc_control"] > 0.9  # stimulated vs control
     assert 0.0 <= realism["c2st_auroc"] <= 1.0 and realism["knn_mixing_ceiling"] > 0.8
-    assert (out / "umap_real_vs_predicted.png").stat().st_size > 10_000
+    for png in ("umap_real_vs_predicted.png", "delta_scatter_top100_de.png", "loss_curve.png"):
+        assert (out / png).stat().st_size > 10_000, png
     pred = ad.read_h5ad(out / "predicted_cd4t_stimulated.h5ad")
     assert pred.n_obs == metrics["n_cells"]["real_stimulated_cd4t"]
     assert set(pred.obs["cell_type"]) == {"CD4T"} and set(pred.obs["condition"]) == {"stimulated"}
@@ -42,7 +43,7 @@ def test_quickstart_cli_writes_outputs(scvi_module, tmp_path, capsys):
     assert f"prediction {e_pred:.3f} vs control cells {e_ctrl:.3f}" in printed  # the summary shows what was written
 
 
-@pytest.mark.parametrize("sub", ["model", "module", "nn", "diffusion", "data", "metrics", "datasets"])
+@pytest.mark.parametrize("sub", ["model", "module", "nn", "diffusion", "data", "metrics", "datasets", "pl"])
 def test_public_names_import(scvi_module, sub):
     """Every name in ``__all__`` exists (so ``from ... import *`` works), once, and is the package's own object."""
     mod = importlib.import_module(f"perturbdiff_scvi.{sub}")

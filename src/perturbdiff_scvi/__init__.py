@@ -15,7 +15,7 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0"
 
-__all__ = ["PAPER_CONFIG", "PerturbDiff", "baselines", "datasets", "metrics", "tl"]
+__all__ = ["PAPER_CONFIG", "PerturbDiff", "baselines", "datasets", "metrics", "pl", "tl"]
 
 _LAZY = {
     "PerturbDiff": "model",
@@ -28,6 +28,7 @@ _LAZY = {
     "metrics": None,
     "baselines": None,
     "tl": None,
+    "pl": None,
 }
 
 

@@ -29,7 +29,9 @@ def run_quickstart(
 ) -> dict:
     """Train PerturbDiff on bundled Kang 2018 PBMC with stimulated CD4T held out and evaluate the prediction.
 
-    Writes ``umap_real_vs_predicted.png``, ``predicted_cd4t_stimulated.h5ad`` and ``metrics.json`` into
+    Writes ``umap_real_vs_predicted.png`` (:func:`perturbdiff_scvi.pl.umap_overlay`), ``delta_scatter_top100_de.png``
+    (:func:`~perturbdiff_scvi.pl.delta_scatter`), ``loss_curve.png``, ``predicted_cd4t_stimulated.h5ad`` and
+    ``metrics.json`` into
     ``out_dir`` and returns the metrics. Genes: the ``n_top_genes`` highly variable genes of the training
     cells (the paper models 2,000 HVGs).
 
@@ -38,7 +40,6 @@ def run_quickstart(
     >>> from perturbdiff_scvi._quickstart import run_quickstart
     >>> metrics = run_quickstart("qs_out")
     """
-    import anndata as ad
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,7 +47,7 @@ def run_quickstart(
     import scanpy as sc
     import torch
 
-    from . import datasets
+    from . import datasets, pl
     from .metrics import (
         c2st_auroc,
         c2st_ceiling,
@@ -128,19 +129,14 @@ def run_quickstart(
     )
 
     pred.write_h5ad(out / "predicted_cd4t_stimulated.h5ad")
-    combined = ad.concat(
-        {"real control": control, "real stimulated": real, "predicted stimulated": pred},
-        label="source",
-        index_unique="-",
-    )
-    sc.pp.pca(combined, n_comps=30, random_state=seed)
-    sc.pp.neighbors(combined, random_state=seed)
-    sc.tl.umap(combined, random_state=seed)
-    fig = sc.pl.umap(
-        combined, color="source", title=f"{HELD_OUT_CONTEXT}: real vs PerturbDiff", return_fig=True, show=False
-    )
+    fig = pl.umap_overlay(real, pred, control=control, seed=seed)
+    fig.suptitle(f"{HELD_OUT_CONTEXT}: real vs PerturbDiff")
     fig.savefig(out / "umap_real_vs_predicted.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    ax = pl.delta_scatter(pred, real, control, genes=list(genes[de]), n_label=10)
+    ax.figure.savefig(out / "delta_scatter_top100_de.png", dpi=120, bbox_inches="tight")
+    ax = pl.loss_curve(model)
+    ax.figure.savefig(out / "loss_curve.png", dpi=120, bbox_inches="tight")
+    plt.close("all")
     metrics["seconds"]["total"] = round(time.time() - start, 1)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

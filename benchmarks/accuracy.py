@@ -195,10 +195,12 @@ def run_condition(task, ct, train, real, control, args):
     batch_key, batch = spec.batch_key, spec.batch
     scvi.settings.seed = args.seed
     PerturbDiff.setup_anndata(train, control_value=CONTROL, batch_key=batch_key, **KEYS)
-    model = PerturbDiff(train)
+    model = PerturbDiff(train, **args.model_kwargs)
     model.train(max_steps=args.max_steps, enable_progress_bar=False)
     threshold = realistic_zero_threshold(train.X)
-    preds = model_predictions(model, PERT, threshold, contexts=ct, batches=batch, n_cells=real.n_obs, seed=args.seed)
+    preds = model_predictions(
+        model, PERT, threshold, contexts=ct, batches=batch, n_cells=real.n_obs, seed=args.seed, **args.predict_kwargs
+    )
     for name, fn in BASELINES.items():
         try:
             preds[name] = fn(
@@ -271,7 +273,7 @@ def run_norman_fold(fold, train, reals, control, args, task: str = "norman"):
     else:
         keys, ctx, setup_extra, names = MCFALINE_KEYS, fold, {}, tuple(BASELINES)
     PerturbDiff.setup_anndata(train, control_value=CONTROL, **setup_extra, **keys)
-    model = PerturbDiff(train)
+    model = PerturbDiff(train, **args.model_kwargs)
     model.train(max_steps=args.max_steps, enable_progress_bar=False)
     threshold = realistic_zero_threshold(train.X)
     tables, deltas, real_deltas, facts = [], {}, {}, {}
@@ -279,7 +281,8 @@ def run_norman_fold(fold, train, reals, control, args, task: str = "norman"):
     for pert, real in reals.items():
         t1 = time.time()
         where = {} if ctx is None else {"contexts": ctx}
-        preds = model_predictions(model, pert, threshold, n_cells=real.n_obs, seed=args.seed, **where)
+        preds = model_predictions(model, pert, threshold, n_cells=real.n_obs, seed=args.seed, **where,
+                                  **args.predict_kwargs)  # fmt: skip
         for name in names:
             extra = setup_extra if name == "linear" else {}
             try:
@@ -550,6 +553,14 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--jobs", type=int, default=1, help="conditions trained at once, each on cpu_count / jobs threads (default 1)"
     )
+    parser.add_argument(
+        "--model-kwargs", type=json.loads, default={}, help='options of PerturbDiff(...) as JSON, e.g. '
+        '\'{"preconditioning": "edm", "energy_weight": 0}\' (default: the package defaults)',
+    )  # fmt: skip
+    parser.add_argument(
+        "--predict-kwargs", type=json.loads, default={},
+        help='options of every predict_population call as JSON, e.g. \'{"counts": true}\'',
+    )  # fmt: skip
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if unknown := [t for t in tasks if t not in TASKS]:
@@ -568,6 +579,7 @@ def main(argv=None) -> None:
     start = time.time()
     run = {"command": shlex.join([sys.executable, *sys.argv]), "seed": seeds[0], "seeds": seeds}
     run["max_steps"] = args.max_steps
+    run.update(model_kwargs=args.model_kwargs, predict_kwargs=args.predict_kwargs)
     run.update(quick=args.quick, tasks=tasks, n_top_genes_kang=n_top_genes, cpu_count=os.cpu_count(), jobs=args.jobs)
     run["versions"] = {p: version(p) for p in ("perturbdiff-scvi", "scvi-tools", "torch", "anndata", "scanpy")}
     run["versions"]["python"] = platform.python_version()

@@ -157,3 +157,21 @@ def test_edm_preconditioning_passes_the_state_through_at_low_noise(setup_adata):
         PerturbDiff(setup_adata, **TINY, preconditioning="karras")
     with pytest.raises(ValueError, match="sigma_data must be"):
         PerturbDiff(setup_adata, **TINY, preconditioning="edm", sigma_data=-1.0)
+
+
+def test_progress_bar_flag(trained_model, monkeypatch):
+    import scvi.utils
+
+    seen = []
+    real_track = scvi.utils.track
+
+    def spy(iterable, **kwargs):
+        seen.append(kwargs.get("disable"))
+        return real_track(iterable, **kwargs)
+
+    monkeypatch.setattr(scvi.utils, "track", spy)
+    trained_model.predict_population("A", contexts="c0", n_cells=64, batch_size=2, seed=0, progress_bar=False)
+    trained_model.predict_population("A", contexts="c0", n_cells=64, batch_size=2, seed=0)
+    assert seen == [True, False]
+    with pytest.raises(ValueError, match="progress_bar must be True or False"):
+        trained_model.predict_population("A", contexts="c0", n_cells=8, progress_bar="no")

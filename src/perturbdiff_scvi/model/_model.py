@@ -598,6 +598,7 @@ class PerturbDiff(BaseModelClass):
         init: Literal["noise", "control"] = "noise",
         counts: bool = False,
         counts_layer: str = "counts",
+        progress_bar: bool = True,
     ) -> AnnData:
         """Generate cell populations for (perturbation, context, batch) combinations.
 
@@ -693,6 +694,9 @@ class PerturbDiff(BaseModelClass):
         counts_layer
             With ``counts=True``: the layer of the registered AnnData (its RNA modality for MuData), or of
             ``control_adata`` when given, that holds raw counts (whole numbers) of the control cells.
+        progress_bar
+            Show scvi-tools' progress bar over the forward passes (``batch_size`` sets each, across all
+            conditions and populations) when there are at least two.
 
         Returns
         -------
@@ -719,6 +723,7 @@ class PerturbDiff(BaseModelClass):
             n_timesteps=self.module.diffusion.n_timesteps,
             start_time=start_time,
             init=init,
+            progress_bar=progress_bar,
         )
         return _predict.predict(
             self,

@@ -66,10 +66,21 @@ class SamplingOptions:
     use_ema: bool
     start_time: int | None = None
     init: str = "noise"
+    progress_bar: bool = True
 
     @classmethod
     def checked(
-        cls, *, n_steps, sampler, guidance_scale, batch_size, use_ema, n_timesteps: int, start_time=None, init="noise"
+        cls,
+        *,
+        n_steps,
+        sampler,
+        guidance_scale,
+        batch_size,
+        use_ema,
+        n_timesteps: int,
+        start_time=None,
+        init="noise",
+        progress_bar=True,
     ) -> SamplingOptions:
         if not is_finite_number(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0 (0 = no guidance); got {guidance_scale!r}.")
@@ -77,6 +88,8 @@ class SamplingOptions:
             raise ValueError(f"sampler must be {sampler_choices()}; got {sampler!r}.")
         if not isinstance(use_ema, bool | np.bool_):
             raise ValueError(f"use_ema must be True or False; got {use_ema!r}.")
+        if not isinstance(progress_bar, bool | np.bool_):
+            raise ValueError(f"progress_bar must be True or False; got {progress_bar!r}.")
         if not isinstance(init, str) or init not in INITS:
             raise ValueError(f"init must be 'noise' (pure noise, as released) or 'control'; got {init!r}.")
         if sampler == "ddim_truncated":
@@ -107,6 +120,7 @@ class SamplingOptions:
             use_ema=bool(use_ema),
             start_time=start_time,
             init=init,
+            progress_bar=bool(progress_bar),
         )
 
 
@@ -217,7 +231,7 @@ def sample_jobs(
     s = module.set_size
     out = []
     chunks = range(0, len(jobs), options.batch_size)
-    for start in track(chunks, description="Sampling sets", disable=len(chunks) < 2):
+    for start in track(chunks, description="Sampling sets", disable=not options.progress_bar or len(chunks) < 2):
         chunk = jobs[start : start + options.batch_size]
         conds = [conditions[job.condition] for job in chunk]
         x_ctrl = np.stack(

@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     from ._model import PerturbDiff
 
 
-def sample_counts(x: np.ndarray, library: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def sample_counts(
+    x: np.ndarray, library: np.ndarray, rng: np.random.Generator, upper: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Counts drawn from predicted log1p expression, and that expression re-normalised from the counts.
 
     ``counts_i ~ Multinomial(L_i, p_i)`` with ``p_ig = expm1(x_ig) / sum_g expm1(x_ig)`` and ``L_i`` the rounded
@@ -34,6 +36,10 @@ def sample_counts(x: np.ndarray, library: np.ndarray, rng: np.random.Generator) 
         ``(n,)`` library sizes (total counts over the ``G`` genes).
     rng
         Random generator.
+    upper
+        Optional per-gene cap ``(G,)`` of ``x`` before ``expm1`` (``predict_population`` passes the training
+        maximum of each gene): ``expm1`` turns one value far above the data range into a rate that would take
+        nearly all of a cell's counts.
 
     Returns
     -------
@@ -45,7 +51,10 @@ def sample_counts(x: np.ndarray, library: np.ndarray, rng: np.random.Generator) 
     >>> int(counts.sum())
     8
     """
-    rates = np.expm1(np.clip(np.asarray(x, dtype=np.float64), 0, None))
+    x = np.clip(np.asarray(x, dtype=np.float64), 0, None)
+    if upper is not None:
+        x = np.minimum(x, np.asarray(upper, dtype=np.float64))
+    rates = np.expm1(x)
     totals = rates.sum(1)
     library = np.rint(np.clip(np.asarray(library, dtype=np.float64), 0, None)).astype(np.int64)
     ok = (totals > 0) & (library > 0)

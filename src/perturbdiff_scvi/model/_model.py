@@ -686,7 +686,9 @@ class PerturbDiff(BaseModelClass):
         counts
             Also sample counts, for count-based tools (e.g. DE with pydeseq2 or ``sc.pp.normalize_total``
             pipelines): cell ``i`` of each set gets the library size (total over the model's genes) of control cell
-            ``i`` of the set's control draw, and ``counts ~ Multinomial(library, expm1(x) / sum expm1(x))``. They
+            ``i`` of the set's control draw, and ``counts ~ Multinomial(library, expm1(x) / sum expm1(x))``, with
+            ``x`` first capped at each gene's training maximum (``expm1`` of a value far above the data range
+            would take nearly all of a cell's counts). They
             are returned in ``layers["counts"]``, and ``X`` is re-normalised from them,
             ``log1p(counts * sum(expm1(x)) / library)``, on each predicted cell's own scale (so ``X`` then has
             the sampling noise and the zeros of real counts). Needs raw counts of the control cells

@@ -19,7 +19,7 @@ from ..diffusion import RELEASED_START_TIME, SAMPLER_NAMES
 from ..diffusion._sampling import sampler_choices
 from ._controls import ControlSource
 from ._counts import sample_counts
-from ._ranges import x0_bound_value
+from ._ranges import gene_max, x0_bound_value
 
 if TYPE_CHECKING:
     from ._model import PerturbDiff
@@ -404,10 +404,11 @@ def predict(
     layers = None
     if counts:
         count_rng = np.random.default_rng(rng.integers(2**62))  # drawn last: counts=False draws stay the same
+        upper = gene_max(training_matrix())
         pairs = [
             sample_counts(
                 x, source.library_sizes(conditions[job.condition].ctx, conditions[job.condition].batch,
-                                        job.control_rows), count_rng
+                                        job.control_rows), count_rng, upper
             )
             for job, x in zip(jobs, cells, strict=True)
         ]  # fmt: skip

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from anndata import AnnData
 
-from .._validation import MissingKeyError, dense_rows, layer_names
+from .._validation import MissingKeyError, _sample_values, layer_names
 
 if TYPE_CHECKING:
     from ._model import PerturbDiff
@@ -96,7 +96,7 @@ def counts_matrix(model: PerturbDiff, control_adata: AnnData | None, layer: str,
         matrix = matrix[:, cols]
     if rows is not None:
         matrix = matrix[rows]
-    probe = dense_rows(matrix, np.arange(min(matrix.shape[0], 200)))
+    probe = _sample_values(matrix)  # evenly spaced rows, as the log-normalisation check at setup reads them
     if not np.all(np.isfinite(probe)) or probe.min(initial=0) < 0:
         raise ValueError(f"{where}.layers[{layer!r}] holds negative or non-finite values; it must hold raw counts.")
     if not np.all(probe == np.floor(probe)):

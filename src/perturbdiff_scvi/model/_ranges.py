@@ -61,10 +61,12 @@ def sigma_data_value(value, input_scale: float, training_matrix: Callable[[], ob
         if value != "auto":
             raise ValueError(f"sigma_data must be a number > 0 or 'auto'; got {value!r}.")
         x = training_matrix()
+        total, squares = 0.0, 0.0
+        for block in _chunks(x):  # the same row blocks as nonzero_rms / gene_max (dense, sparse or backed)
+            total += float(block.sum())
+            squares += float(np.square(block).sum())
         n = x.shape[0] * x.shape[1]
-        data = x.data if hasattr(x, "data") and hasattr(x, "nnz") else np.asarray(x).ravel()
-        mean = float(np.sum(data, dtype=np.float64)) / n
-        var = float(np.sum(np.square(data, dtype=np.float64))) / n - mean**2
+        var = squares / n - (total / n) ** 2
         value = float(np.sqrt(max(var, 0.0))) / float(input_scale)
         if not np.isfinite(value) or value <= 0:
             raise ValueError("sigma_data='auto' needs varying training expression; pass a number (e.g. 1.0).")

@@ -107,8 +107,9 @@ class SamplingOptions:
             n_steps = min(DEFAULT_N_STEPS if n_steps is None else positive_int(n_steps, "n_steps"), start_time)
         elif start_time is not None:
             raise ValueError(
-                f"start_time={start_time!r} only applies to sampler='ddim_truncated'; sampler={sampler!r} strides "
-                "n_steps steps over the whole schedule. Leave start_time=None (or use sampler='ddim_truncated')."
+                f"start_time={start_time!r} only applies to sampler='ddim_truncated' or with init='control'; "
+                f"sampler={sampler!r} from pure noise strides n_steps steps over the whole schedule. Leave "
+                "start_time=None (or use sampler='ddim_truncated', or init='control')."
             )
         else:
             n_steps = DEFAULT_N_STEPS if n_steps is None else n_steps

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from ._ondisk import is_on_disk, take_rows
+
 # log1p(1e4-normalised counts) stays below ~10 and log1p(CPM) below ~14.
 RAW_COUNT_MAX = 20.0
 _FIX_LOGNORM = (
@@ -69,9 +71,17 @@ def expression_matrix(adata, layer: str | None, *, name: str = "adata"):
     return x
 
 
-def dense_rows(x, rows: np.ndarray | None = None, dtype=np.float64) -> np.ndarray:
-    """Rows of a dense or sparse matrix (all when ``rows`` is ``None``) as a dense array of ``dtype``."""
-    sub = x if rows is None else x[rows]
+def dense_rows(x, rows: np.ndarray | slice | None = None, dtype=np.float64) -> np.ndarray:
+    """Rows of a dense, sparse or on-disk matrix (all when ``rows`` is ``None``) as a dense array of ``dtype``.
+
+    ``rows`` may be unsorted and repeat rows also for a backed AnnData's ``X`` (read in one sorted pass).
+    """
+    if rows is None:
+        sub = x if not is_on_disk(x) else x[slice(None)]
+    elif isinstance(rows, slice):
+        sub = x[rows]
+    else:
+        sub = take_rows(x, rows)
     return np.asarray(sub.toarray() if sparse.issparse(sub) else sub, dtype=dtype)
 
 

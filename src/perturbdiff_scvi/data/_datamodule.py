@@ -7,8 +7,9 @@ import warnings
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from scvi import settings
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from .._constants import PDIFF_KEYS
 from ._grouping import CellGroups, SplitName, group_cells, split_groups
@@ -23,6 +24,28 @@ def registered_codes(adata_manager) -> tuple[np.ndarray, np.ndarray, np.ndarray]
         np.asarray(adata_manager.get_from_registry(k)).ravel().astype(np.int64)
         for k in (PDIFF_KEYS.PERT_KEY, PDIFF_KEYS.CONTEXT_KEY, PDIFF_KEYS.BATCH_KEY)
     )
+
+
+class OrderedRows(Dataset):
+    """A scvi-tools ``AnnTorchDataset`` over a backed AnnData, serving rows in the order asked for.
+
+    For a backed AnnData scvi-tools sorts the requested rows (h5py reads increasing positions only), which would
+    scramble the ``[P1, C1, P2, C2, ...]`` layout of a batch, and repeated rows (controls drawn with replacement)
+    would fail. This reads each batch's distinct rows once, sorted, and re-expands them in batch order, so only
+    the rows of one batch are ever in memory.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, rows):
+        rows = np.asarray(rows, dtype=np.int64)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        data = self.dataset[unique]
+        return {k: v[torch.as_tensor(inverse)] if isinstance(v, torch.Tensor) else v[inverse] for k, v in data.items()}
 
 
 class SetDataSplitter(pl.LightningDataModule):
@@ -141,6 +164,8 @@ class SetDataSplitter(pl.LightningDataModule):
                 PDIFF_KEYS.BATCH_KEY: np.int64,
             }
         )
+        if getattr(self.adata_manager.adata, "isbacked", False):
+            dataset = OrderedRows(dataset)
         sampler = SetBatchSampler(
             groups, self.set_size, self.sets_per_batch, seed=self.seed + (10_000 if fixed else 1), fixed=fixed
         )

@@ -50,10 +50,10 @@ def check_setup_inputs(
             "The AnnData is a view (e.g. adata[mask]); setup would have to modify its parent. Make it "
             "an object of its own first: adata = adata[mask].copy()."
         )
-    if getattr(adata, "isbacked", False):
+    if getattr(adata, "isbacked", False) and layer is not None:
         raise ValueError(
-            "Backed AnnData is not supported (set sampling needs random access in a fixed order); load "
-            "it into memory with adata.to_memory() or anndata.read_h5ad(path) without backed=."
+            f"A backed AnnData keeps only X on disk; layer={layer!r} would be read into memory. Register X "
+            "(layer=None) of the backed file, or load it with anndata.read_h5ad(path) without backed=."
         )
     if perturbation_key is None:
         raise ValueError("perturbation_key is required: the obs column with the perturbation of each cell.")

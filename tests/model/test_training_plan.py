@@ -176,6 +176,8 @@ def test_fused_adamw_update_matches_the_per_tensor_loop():
         torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-6)
         assert (loop - before).abs().min() > 1e-4  # four steps of lr 1e-2 moved every entry
     assert adamw_implementation([torch.zeros(2, dtype=torch.int64)]) == {}  # not a float: torch's own choice
+    assert adamw_implementation(start, "bf16-mixed") == {}  # Lightning's AMP clipping refuses a fused optimiser
+    assert adamw_implementation(start, "32-true") == {"fused": True}
 
 
 # --------------------------------------------------------------------------------------------------- clipping

@@ -3,7 +3,8 @@
 - presets and defaults: ``_presets.py``; registration checks and fields: ``_setup.py``;
 - training schedule and Ctrl+C recovery: ``_train.py``; the optimisation: ``_training_plan.py``;
 - atomic save and validated load: ``_io.py``;
-- prediction (conditions, ``Job`` plan, sampling, assembly): ``_predict.py``; control cells: ``_controls.py``.
+- prediction (conditions, ``Job`` plan, sampling, assembly): ``_predict.py``; control cells: ``_controls.py``;
+- embeddings of perturbations, contexts and populations (``get_*_embedding``): ``_embeddings.py``.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from scvi.utils import setup_anndata_dsp
 from .._combinations import PerturbationVocabulary
 from .._compat import devices_dsp
 from .._constants import PDIFF_KEYS
+from .._perturbation_features import FeatureVocabulary, check_perturbation_features
 from .._validation import find_category, optional_seed
 from ..data import SetDataSplitter
 from ..module import PerturbDiffModule
 from . import _io, _predict, _ranges, _setup, _train
+from ._embeddings import EmbeddingMixin
 from ._presets import DEFAULT_GUIDANCE_SCALE, check_hyperparameters
 from ._training_plan import DiffusionTrainingPlan
 
@@ -41,7 +44,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class PerturbDiff(BaseModelClass):
+class PerturbDiff(EmbeddingMixin, BaseModelClass):
     """PerturbDiff: functional diffusion over cell populations :cite:p:`Yuan2026`.
 
     A population of cells of one (perturbation, context, batch) is generated jointly as a set of
@@ -177,6 +180,9 @@ class PerturbDiff(BaseModelClass):
             n_contexts=ss[f"n_{PDIFF_KEYS.CONTEXT_KEY}"],
             n_batches=ss[f"n_{PDIFF_KEYS.BATCH_KEY}"],
             perturbation_components=None if vocab is None else torch.from_numpy(vocab.matrix),
+            perturbation_features=(
+                torch.from_numpy(vocab.features.to_numpy()) if isinstance(vocab, FeatureVocabulary) else None
+            ),
             **hparams,
         )
         n_params = sum(p.numel() for p in self.module.denoiser.parameters())
@@ -184,6 +190,7 @@ class PerturbDiff(BaseModelClass):
             f"PerturbDiff: {ss.n_vars} genes, set_size={set_size}, n_hidden={n_hidden}, depth={depth}, "
             f"n_heads={n_heads}, T={n_timesteps}, {n_params / 1e6:.2f}M parameters"
             + ("" if vocab is None else f", {len(vocab.components)} perturbation components")
+            + (f" from {vocab.features.shape[1]} features" if isinstance(vocab, FeatureVocabulary) else "")
         )
         self.init_params_ = self._get_init_params(locals())
 
@@ -199,6 +206,7 @@ class PerturbDiff(BaseModelClass):
         layer: str | None = None,
         *,
         combination_delimiter: str | None = None,
+        perturbation_features: pd.DataFrame | None = None,
         **kwargs,
     ) -> None:
         """%(summary)s.
@@ -229,11 +237,24 @@ class PerturbDiff(BaseModelClass):
             components' embeddings (the control has none). This lets ``predict_population`` generate a
             combination never measured, from components seen in training (alone or in other combinations).
             ``None`` (default): one embedding per label, as in the released model.
+        perturbation_features
+            Not in the released method. A DataFrame indexed by perturbation name (by component name with
+            ``combination_delimiter``), one numeric column per feature (e.g. an embedding of the targeted gene,
+            or :func:`~perturbdiff_scvi.tl.coexpression_features`). The perturbation embedding is then
+            a small MLP of the (standardised) features instead of a lookup table
+            (:class:`~perturbdiff_scvi.nn.FeatureEncoder`; the control gets 0, a combination the sum of its
+            components' encodings), so ``predict_population`` can generate a perturbation **never seen in
+            training** whose row is in this table: give the table rows for the perturbations you want to predict
+            too. Every perturbation (component) of the training cells needs a row; rows must be unique, numeric
+            and finite. The table is stored with the setup arguments, so :meth:`save` / :meth:`load` keep it.
+            ``None`` (default): the lookup table, unchanged.
 
         Examples
         --------
         >>> PerturbDiff.setup_anndata(adata, perturbation_key="condition", control_value="control",
         ...                           context_key="cell_type")
+        >>> PerturbDiff.setup_anndata(screen, perturbation_key="gene", control_value="control",
+        ...                           perturbation_features=gene_features)  # rows: genes, also unseen ones
         >>> PerturbDiff.setup_anndata(norman, perturbation_key="perturbation", control_value="control",
         ...                           combination_delimiter="+")
         """
@@ -251,6 +272,13 @@ class PerturbDiff(BaseModelClass):
             combination_delimiter=combination_delimiter,
             **keys,
         )
+        setup_method_args["setup_args"]["perturbation_features"] = check_perturbation_features(
+            perturbation_features,
+            pd.unique(adata.obs[perturbation_key].astype(str)),
+            combination_delimiter,
+            control_value,
+            perturbation_key,
+        )  # stored checked (float32, string index), so the saved model replays the same table
         adata_manager = AnnDataManager(
             fields=_setup.anndata_fields(layer, perturbation_key, context_key, batch_key),
             setup_method_args=setup_method_args,
@@ -336,8 +364,13 @@ class PerturbDiff(BaseModelClass):
 
     @property
     def _vocabulary(self) -> PerturbationVocabulary | None:
-        """Components of the perturbation labels, when set up with ``combination_delimiter``."""
+        """Components of the perturbation labels: with ``perturbation_features``, the rows of that table; else, when
+        set up with ``combination_delimiter``, the split labels; else ``None`` (one embedding per label)."""
         delimiter = self._setup_arg("combination_delimiter")
+        features = self._setup_arg("perturbation_features")
+        if features is not None:
+            labels = self._mapping(PDIFF_KEYS.PERT_KEY)
+            return FeatureVocabulary(labels, features, delimiter, self._setup_arg("control_value"))
         if delimiter is None:
             return None
         return PerturbationVocabulary(self._mapping(PDIFF_KEYS.PERT_KEY), delimiter, self._setup_arg("control_value"))

@@ -20,9 +20,12 @@ def warmup_plateau_cosine(step: int, total: int, warmup: int, plateau: float, fl
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def adamw_implementation(params: list[torch.Tensor]) -> dict:
+def adamw_implementation(params: list[torch.Tensor], precision: str | int | None = None) -> dict:
     """``{"fused": True}`` where torch has a fused AdamW for every parameter (floating point, on CPU or CUDA), else
     ``{}`` (torch's own choice: ``foreach`` on accelerators, a loop on other devices).
+
+    Under mixed precision (``precision="16-mixed"`` / ``"bf16-mixed"``) Lightning's AMP plugin refuses gradient
+    clipping with a fused optimiser (it unscales gradients inside its step), so the per-tensor AdamW is kept there.
 
     The fused kernel does the same update as the per-tensor loop (to float rounding) in one pass over each
     tensor; for the 95.5 M parameters of ``PAPER_CONFIG`` with 2,000 genes, on one CPU thread, the AdamW step
@@ -30,7 +33,8 @@ def adamw_implementation(params: list[torch.Tensor]) -> dict:
     """
     fusable = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
                   for p in params)  # fmt: skip
-    return {"fused": True} if params and fusable else {}
+    mixed = "mixed" in str(precision)
+    return {"fused": True} if params and fusable and not mixed else {}
 
 
 class DiffusionTrainingPlan(TrainingPlan):
@@ -80,7 +84,7 @@ class DiffusionTrainingPlan(TrainingPlan):
             lr=self.lr,
             betas=(0.9, 0.98),
             eps=1e-8,
-            **adamw_implementation(params),
+            **adamw_implementation(params, self.trainer.precision),
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, min(self.warmup_steps, total // 10))

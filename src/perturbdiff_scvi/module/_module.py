@@ -31,6 +31,11 @@ class PerturbDiffModule(BaseModuleClass):
         Optional ``(n_labels, K)`` integer tensor: row ``i`` holds the component codes of registered
         perturbation ``i`` (``-1`` = padding; the control has none). Combinations are then embedded as the
         sum of their components, so an unseen ``A+B`` can be generated from components seen in training.
+    perturbation_features
+        Optional ``(n_perturbations, F)`` float table (with ``perturbation_components`` indexing its rows): the
+        perturbation embedding is then computed from these features by a
+        :class:`~perturbdiff_scvi.nn.FeatureEncoder` instead of looked up, so a perturbation never trained on
+        can be embedded from its features. The table is not part of the ``state_dict`` (the model stores it).
     set_size
         Cells per set ``S``.
     n_hidden, depth, n_heads, mlp_ratio, n_cov, n_cov_hidden
@@ -71,6 +76,7 @@ class PerturbDiffModule(BaseModuleClass):
         n_batches: int,
         *,
         perturbation_components: torch.Tensor | None = None,
+        perturbation_features: torch.Tensor | None = None,
         set_size: int = 64,
         n_hidden: int = 128,
         depth: int = 2,
@@ -116,6 +122,7 @@ class PerturbDiffModule(BaseModuleClass):
             n_cov=n_cov,
             n_cov_hidden=n_cov_hidden,
             nonnegative=preconditioning == "none",
+            perturbation_features=perturbation_features,
         )
         self.ema = copy.deepcopy(self.denoiser).requires_grad_(False)
         if perturbation_components is not None:

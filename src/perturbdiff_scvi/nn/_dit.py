@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._perturbation_encoder import FeatureEncoder
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation; ``shift``/``scale`` are per set ``(B, H)``, ``x`` is ``(B, S, H)``."""
@@ -53,13 +55,26 @@ class CovariateEmbedder(nn.Module):
     ``drop`` replaces the whole embedding by a learned null embedding (classifier-free guidance).
     ``pert`` may also be ``(B, K)``: the codes of a combination's components (``-1`` = padding), whose
     embeddings are summed, so ``A+B`` is embedded as ``e_A + e_B`` and the control (no component) as 0.
+    With ``perturbation_features`` (a ``(n_perturbations, F)`` table), the perturbation branch is a
+    :class:`~perturbdiff_scvi.nn.FeatureEncoder` of those rows instead of a lookup table; codes index its rows.
     """
 
     def __init__(
-        self, n_perturbations: int, n_contexts: int, n_batches: int, n_hidden: int, n_cov: int, n_cov_hidden: int
+        self,
+        n_perturbations: int,
+        n_contexts: int,
+        n_batches: int,
+        n_hidden: int,
+        n_cov: int,
+        n_cov_hidden: int,
+        *,
+        perturbation_features: torch.Tensor | None = None,
     ):
         super().__init__()
-        self.perturbation = nn.Embedding(n_perturbations, n_cov)
+        if perturbation_features is None:
+            self.perturbation = nn.Embedding(n_perturbations, n_cov)
+        else:
+            self.perturbation = FeatureEncoder(perturbation_features, n_cov)
         self.context = nn.Embedding(n_contexts, n_cov)
         self.batch = nn.Embedding(n_batches, n_cov)
         self.project = nn.Linear(3 * n_cov, n_cov_hidden)
@@ -250,6 +265,11 @@ class SetDiT(nn.Module):
     n_cov_hidden
         Width between the concatenated covariates and the class embedding; ``None`` uses ``n_genes``
         as the released code does.
+    nonnegative
+        ReLU on the output (``False`` for a caller that adds a skip term first).
+    perturbation_features
+        Optional ``(n_perturbations, F)`` feature table: the perturbation embedding is then computed from these
+        rows (:class:`~perturbdiff_scvi.nn.FeatureEncoder`) instead of looked up.
     """
 
     def __init__(
@@ -266,6 +286,7 @@ class SetDiT(nn.Module):
         n_cov: int = 64,
         n_cov_hidden: int | None = None,
         nonnegative: bool = True,
+        perturbation_features: torch.Tensor | None = None,
     ):
         super().__init__()
         self.n_genes = n_genes
@@ -275,7 +296,13 @@ class SetDiT(nn.Module):
         self.null_gene_embedding = nn.Parameter(torch.zeros(n_hidden))
         self.t_embed = TimestepEmbedder(n_hidden)
         self.cov_embed = CovariateEmbedder(
-            n_perturbations, n_contexts, n_batches, n_hidden, n_cov, n_cov_hidden or n_genes
+            n_perturbations,
+            n_contexts,
+            n_batches,
+            n_hidden,
+            n_cov,
+            n_cov_hidden or n_genes,
+            perturbation_features=perturbation_features,
         )
         # The control stream's output of the last block is never used: that block skips the control update.
         self.blocks = nn.ModuleList(
@@ -322,6 +349,24 @@ class SetDiT(nn.Module):
         codes, see :class:`CovariateEmbedder`); ``drop_cond`` ``(B,)`` bool replaces the covariates of those
         sets by the null embedding.
         """
+        h, c = self.encode(x_t, t, x_ctrl, pert, ctx, batch, self_cond, drop_cond)
+        return self.final(h, c)  # (B, S, G), >= 0
+
+    def encode(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        x_ctrl: torch.Tensor,
+        pert: torch.Tensor,
+        ctx: torch.Tensor,
+        batch: torch.Tensor,
+        self_cond: torch.Tensor | None = None,
+        drop_cond: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cell tokens after the last block ``(B, S, H)`` and the class embedding ``(B, H)``.
+
+        Same arguments as :meth:`forward`, which applies the final layer to them.
+        """
         if self_cond is None:
             self_cond = torch.zeros_like(x_t)
         h = self.x_embed(torch.cat([x_t, self_cond], dim=-1)) + self.null_gene_embedding  # (B, S, H)
@@ -329,4 +374,4 @@ class SetDiT(nn.Module):
         c = self.t_embed(t) + self.cov_embed(pert, ctx, batch, drop_cond)  # (B, H)
         for block in self.blocks:
             h, hc = block(h, hc, c)
-        return self.final(h, c)  # (B, S, G), >= 0
+        return h, c

@@ -166,21 +166,22 @@ class PerturbDiffModule(BaseModuleClass):
         }
 
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict[str, torch.Tensor]:
-        unpacked = self._unpack(tensors)
-        return {k: unpacked[k] for k in ("x_ctrl", "pert", "ctx", "batch")}
+        # The one unpacking (and scaling by input_scale) of the batch per step: the target sets ride along in
+        # the inference outputs to the generative step and the loss.
+        return self._unpack(tensors)
 
     @auto_move_data
     def inference(
-        self, x_ctrl: torch.Tensor, pert: torch.Tensor, ctx: torch.Tensor, batch: torch.Tensor
+        self, x0: torch.Tensor, x_ctrl: torch.Tensor, pert: torch.Tensor, ctx: torch.Tensor, batch: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """The condition of each set; per-set classifier-free-guidance dropout is drawn here."""
         drop = torch.rand(pert.shape[0], device=pert.device) < self.p_drop_cond
-        return {"x_ctrl": x_ctrl, "pert": pert, "ctx": ctx, "batch": batch, "drop_cond": drop}
+        return {"x0": x0, "x_ctrl": x_ctrl, "pert": pert, "ctx": ctx, "batch": batch, "drop_cond": drop}
 
     def _get_generative_input(
         self, tensors: dict[str, torch.Tensor], inference_outputs: dict[str, torch.Tensor], **kwargs
     ) -> dict[str, torch.Tensor]:
-        return {"x0": self._unpack(tensors)["x0"], **inference_outputs}
+        return dict(inference_outputs)
 
     @auto_move_data
     def generative(
@@ -209,7 +210,7 @@ class PerturbDiffModule(BaseModuleClass):
         generative_outputs: dict[str, torch.Tensor],
     ) -> LossOutput:
         """Per set: ``mse_weight * MSE + energy_weight * energy_distance / 2`` (geomloss ``energy``)."""
-        x0 = self._unpack(tensors)["x0"].to(generative_outputs["x0_hat"].device)
+        x0 = inference_outputs["x0"]
         x0_hat = generative_outputs["x0_hat"]
         mse = per_set_mse(x0_hat, x0)  # (B,)
         energy = 0.5 * energy_distance(x0_hat, x0)  # (B,)

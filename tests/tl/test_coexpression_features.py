@@ -1,4 +1,4 @@
-"""``coexpression_features``: each target's correlation profile over the control cells (``data/_features.py``)."""
+"""``coexpression_features``: each target's correlation profile over the control cells (``tl/_features.py``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from _helpers import make_perturbation_adata
 
-from perturbdiff_scvi.data._features import coexpression_features
+from perturbdiff_scvi.tl import coexpression_features
 
 
 def test_profiles_are_correlations_over_control_cells():

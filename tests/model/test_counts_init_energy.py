@@ -120,11 +120,12 @@ def test_energy_weighting_abar_scales_the_energy_term(setup_adata):
         tensors[key] = torch.zeros(2 * 2 * s, 1)
     x0_hat = torch.rand(2, s, g)
     t = torch.tensor([0, 99])
-    weighted = module.loss(tensors, {}, {"x0_hat": x0_hat, "t": t}).reconstruction_loss["reconstruction_loss"]
+    unpacked = module._get_inference_input(tensors)  # the target sets travel in the inference outputs
+    weighted = module.loss(tensors, unpacked, {"x0_hat": x0_hat, "t": t}).reconstruction_loss["reconstruction_loss"]
     module.energy_weighting = "constant"
-    plain = module.loss(tensors, {}, {"x0_hat": x0_hat, "t": t}).reconstruction_loss["reconstruction_loss"]
+    plain = module.loss(tensors, unpacked, {"x0_hat": x0_hat, "t": t}).reconstruction_loss["reconstruction_loss"]
     module.energy_weight = 0.0
-    mse_only = module.loss(tensors, {}, {"x0_hat": x0_hat, "t": t}).reconstruction_loss["reconstruction_loss"]
+    mse_only = module.loss(tensors, unpacked, {"x0_hat": x0_hat, "t": t}).reconstruction_loss["reconstruction_loss"]
     abar = module.diffusion.alphas_cumprod[t]
     torch.testing.assert_close(weighted - mse_only, abar * (plain - mse_only))
     assert abar[0] > 0.99 and abar[1] < 0.01  # low noise keeps the energy term, pure noise almost drops it

@@ -184,18 +184,20 @@ def test_view_is_rejected_and_parent_untouched(pdiff):
     pdiff.setup_anndata(view.copy(), **KEYS)
 
 
-def test_backed_anndata_is_rejected(pdiff, tmp_path):
+def test_backed_anndata_registers_x_and_refuses_a_layer(pdiff, tmp_path):
     path = tmp_path / "backed.h5ad"
-    make_perturbation_adata(n_cells=N_CELLS).write_h5ad(path)
-    adata = anndata.read_h5ad(path, backed="r")
+    adata = make_perturbation_adata(n_cells=N_CELLS)
+    adata.layers["lognorm"] = adata.X.copy()
+    adata.write_h5ad(path)
+    backed = anndata.read_h5ad(path, backed="r")
     try:
-        assert adata.isbacked
-        with pytest.raises(ValueError, match=r"Backed AnnData is not supported.*adata\.to_memory\(\)"):
-            pdiff.setup_anndata(adata, **KEYS)
-        # The advertised fix works.
-        pdiff.setup_anndata(adata.to_memory(), **KEYS)
+        assert backed.isbacked
+        with pytest.raises(ValueError, match=r"backed AnnData keeps only X on disk.*layer='lognorm'"):
+            pdiff.setup_anndata(backed, **KEYS, layer="lognorm")
+        pdiff.setup_anndata(backed, **KEYS)  # X of the file is registered without loading it
+        assert backed.isbacked and "_scvi_uuid" in backed.uns
     finally:
-        adata.file.close()
+        backed.file.close()
 
 
 def test_setup_anndata_rejects_mudata(pdiff):

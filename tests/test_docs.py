@@ -15,11 +15,12 @@ It also checks the model's own methods that the API page documents.
 
 from __future__ import annotations
 
-import ast
+import functools
 import importlib
+import importlib.util
 import inspect
-import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -54,36 +55,20 @@ def own_docstring(obj) -> str:
     return (doc or "").strip()
 
 
+@functools.cache
+def _docs_conf():
+    """``docs/conf.py`` as a module: the checks read constants' docs the way the API pages render them."""
+    path = Path(__file__).resolve().parents[1] / "docs" / "conf.py"
+    spec = importlib.util.spec_from_file_location("_perturbdiff_docs_conf", path)
+    conf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conf)
+    return conf
+
+
 def constant_doc(name: str, obj) -> str:
-    """The ``#:`` comment above (or string literal below) ``name = ...`` in a package module binding ``obj``."""
-    for modname, mod in sorted(sys.modules.items()):
-        if not modname.startswith("perturbdiff_scvi") or getattr(mod, name, None) is not obj:
-            continue
-        try:
-            source = inspect.getsource(mod)
-        except (OSError, TypeError):
-            continue
-        lines = source.splitlines()
-        body = ast.parse(source).body
-        for i, node in enumerate(body):
-            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
-            if not any(isinstance(t, ast.Name) and t.id == name for t in targets):
-                continue
-            comment, j = [], node.lineno - 2
-            while j >= 0 and lines[j].lstrip().startswith("#:"):
-                comment.insert(0, lines[j].lstrip()[2:].strip())
-                j -= 1
-            if not comment and i + 1 < len(body):
-                nxt = body[i + 1]
-                if (
-                    isinstance(nxt, ast.Expr)
-                    and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)
-                ):
-                    comment = [nxt.value.value]
-            if "".join(comment).strip():
-                return "\n".join(comment).strip()
-    return ""
+    """The ``#:`` comment above (or string literal below) ``name = ...`` that the docs show ('' when none)."""
+    found = _docs_conf().attribute_doc(name, obj)
+    return found[0].strip() if found else ""
 
 
 def doc_problem(name: str, obj) -> str | None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from ._combinations import PADDING, split_combination
+from ._combinations import PADDING, PerturbationVocabulary, split_combination
 
 
 def _listed(values: Sequence, n: int = 10) -> str:
@@ -99,9 +99,9 @@ def _parts(label, delimiter: str | None, control_value, key: str) -> tuple[str, 
     return () if str(label) == str(control_value) else (str(label),)
 
 
-class FeatureVocabulary:
-    """Rows of the feature table as the perturbation "components"; the same interface as
-    :class:`~perturbdiff_scvi._combinations.PerturbationVocabulary`.
+class FeatureVocabulary(PerturbationVocabulary):
+    """Rows of the feature table as the perturbation "components": a
+    :class:`~perturbdiff_scvi._combinations.PerturbationVocabulary` whose components and codes come from the table.
 
     Parameters
     ----------
@@ -140,6 +140,3 @@ class FeatureVocabulary:
                     f"setup), so the model cannot encode it.{hint}"
                 )
         return np.asarray([self._index[p] for p in parts], dtype=np.int64)
-
-    def seen_components(self, label_codes_with_cells: np.ndarray) -> set[str]:
-        return {p for code in np.unique(label_codes_with_cells) for p in self.parts[int(code)]}

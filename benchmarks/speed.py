@@ -107,7 +107,7 @@ def make_timer():
     return StepTimer()
 
 
-def build_model(config: str, set_size: int, n_genes: int, accelerator: str):
+def build_model(config: str, set_size: int, n_genes: int):
     from perturbdiff_scvi import PerturbDiff
 
     adata = synthetic_adata(n_genes)
@@ -127,7 +127,7 @@ def time_training(
     precision: str | None,
 ) -> dict:
     """Median s/step of a real ``model.train`` (see the module docstring)."""
-    model = build_model(config, set_size, n_genes, accelerator)
+    model = build_model(config, set_size, n_genes)
     timer = make_timer()
     kwargs = {"precision": precision} if precision else {}
     start = time.perf_counter()

@@ -12,8 +12,9 @@ is drawn from the same trained model, so the sampling rows of a case differ only
 Training variants: ``default``; ``input_scale_auto`` (``PerturbDiff(input_scale="auto")``); ``no_self_cond``
 (``p_self_cond=0``); ``set_size_32``; ``steps_x2`` (twice the training steps); ``energy_0`` (``energy_weight=0``,
 MSE only); ``energy_abar`` (``energy_weighting="abar"``); ``edm`` (``preconditioning="edm"``); ``edm_abar`` (both);
-``edm_energy_0`` (``preconditioning="edm"``, ``energy_weight=0``). Sampling variants: DDIM 50 steps (default),
-DDIM 200 steps, DDPM 50 steps, the released truncated DDIM (``start_time=100``), guidance 0 and 1,
+``edm_energy_0`` (``preconditioning="edm"``, ``energy_weight=0``); ``edm_shrink``, ``edm_shrink_abar``,
+``edm_shrink_energy_0`` (the same three with ``preconditioning="edm_shrink"``). Sampling variants: DDIM 50 steps
+(default), DDIM 200 steps, DDPM 50 steps, the released truncated DDIM (``start_time=100``), guidance 0 and 1,
 ``x0_bound="auto"``, ``init="control"`` from ``start_time=300``, ``counts=True`` (with guidance 0.5 and 0).
 Scored with ``tl.evaluate`` (PCA of the training cells) against the real held-out cells,
 beside the additive baseline, the control cells and the half-vs-half ceiling. The trajectory table records, for the
@@ -67,6 +68,9 @@ TRAINING = {
     "edm": {"preconditioning": "edm"},
     "edm_abar": {"preconditioning": "edm", "energy_weighting": "abar"},
     "edm_energy_0": {"preconditioning": "edm", "energy_weight": 0.0},
+    "edm_shrink": {"preconditioning": "edm_shrink"},
+    "edm_shrink_abar": {"preconditioning": "edm_shrink", "energy_weighting": "abar"},
+    "edm_shrink_energy_0": {"preconditioning": "edm_shrink", "energy_weight": 0.0},
 }
 HELD_OUT_TYPE = "CD4T"
 

@@ -68,6 +68,16 @@ def test_pearson_delta_matches_scipy(cells):
     assert pearson_delta(pred, real, ctrl) == pytest.approx(pearsonr(d_p, d_r)[0])
 
 
+def test_pearson_delta_is_nan_for_a_prediction_without_shift(cells):
+    _, real, ctrl = cells
+    ctrl = ctrl.astype(np.float32)
+    shuffled = ctrl[::-1].copy()  # the control cells in another order: the same mean up to float rounding
+    assert np.abs(shuffled.mean(0) - ctrl.mean(0)).max() > 0  # rounding noise that corrcoef would correlate
+    assert np.isnan(pearson_delta(shuffled, real, ctrl))
+    small = ctrl + 1e-3 * (real.mean(0) - ctrl.mean(0))  # a small but real shift is still scored
+    assert pearson_delta(small, real, ctrl) > 0.99
+
+
 # ----------------------------------------------------------------------------- discrimination score
 
 

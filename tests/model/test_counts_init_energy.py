@@ -158,6 +158,51 @@ def test_edm_preconditioning_passes_the_state_through_at_low_noise(setup_adata):
         PerturbDiff(setup_adata, **TINY, preconditioning="edm", sigma_data=-1.0)
 
 
+def test_edm_shrink_keeps_zero_genes_zero_and_trains_its_thresholds(setup_adata, tmp_path):
+    from perturbdiff_scvi import PerturbDiff
+
+    model = PerturbDiff(setup_adata, **TINY, preconditioning="edm_shrink")
+    module = model.module
+    assert module.denoiser.log_threshold.shape == (setup_adata.n_vars,)
+    assert module.ema.log_threshold.shape == (setup_adata.n_vars,)  # the EMA copy averages it too
+
+    class ZeroNet(torch.nn.Module):  # network output 0: only the (thresholded) skip path remains
+        def __init__(self, log_threshold):
+            super().__init__()
+            self.log_threshold = torch.nn.Parameter(log_threshold)
+
+        def forward(self, x_t, t, *condition):
+            return torch.zeros_like(x_t)
+
+    net = ZeroNet(torch.zeros(4))
+    t = torch.tensor([2, 2])  # low noise (sigma ~ 0.1 of the 100-step schedule): c_skip ~ 1
+    abar = float(module.diffusion.alphas_cumprod[2])
+    sigma = ((1 - abar) / abar) ** 0.5
+    zero_gene = torch.tensor([0.5, -0.5, 2.0, -2.0]) * sigma * abar**0.5  # noise of a zero gene, in x_t units
+    x_t = torch.stack([zero_gene, zero_gene + 3.0 * abar**0.5]).expand(2, 2, 4).contiguous()
+    out = module._x0(net, x_t, t)
+    assert torch.all(out[:, 0, :2] == 0) and torch.all(out[:, 0, 3] == 0)  # noise under k = 1 sigma: exactly 0
+    assert torch.all(out[:, 0, 2] > 0)  # 2 sigma stands out of the noise at k = 1 ...
+    net.log_threshold.data.fill_(np.log(3.0))
+    assert torch.all(module._x0(net, x_t, t)[:, 0] == 0)  # ... but not at k = 3
+    plain = PerturbDiff(setup_adata, **TINY, preconditioning="edm").module._x0(lambda x, t, *c: 0 * x, x_t, t)
+    assert torch.all(plain[:, 0, 0] > 0)  # plain EDM passes that noise through
+    torch.testing.assert_close(module._x0(net, x_t, t)[:, 1], plain[:, 1] - 3.0 * sigma * _c_skip(module, 2))
+
+    before = module.denoiser.log_threshold.detach().clone()
+    model.train(**TINY_TRAIN)
+    assert not torch.equal(module.denoiser.log_threshold.detach(), before)  # learned
+    model.save(tmp_path / "m", overwrite=True)
+    loaded = PerturbDiff.load(tmp_path / "m", adata=setup_adata)
+    torch.testing.assert_close(loaded.module.ema.log_threshold, module.ema.log_threshold)
+
+
+def _c_skip(module, t: int) -> float:
+    abar = float(module.diffusion.alphas_cumprod[t])
+    sigma2 = (1 - abar) / abar
+    return module.sigma_data**2 / (sigma2 + module.sigma_data**2)
+
+
 def test_progress_bar_flag(trained_model, monkeypatch):
     import scvi.utils
 

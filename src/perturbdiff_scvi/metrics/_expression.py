@@ -168,6 +168,10 @@ def r2_mean(pred, real, genes=None) -> float:
     return 1.0 - ss_res / ss_tot
 
 
+#: :func:`pearson_delta` is ``nan`` when no predicted shift exceeds this share of the largest control mean.
+ZERO_SHIFT_RTOL = 1e-5
+
+
 def pearson_delta(pred, real, control, genes: np.ndarray | None = None) -> float:
     """Pearson correlation of predicted vs real mean shift from control, cell-eval's ``pearson_delta``.
 
@@ -185,7 +189,9 @@ def pearson_delta(pred, real, control, genes: np.ndarray | None = None) -> float
     Returns
     -------
     float
-        In ``[-1, 1]``, best 1; ``nan`` if either shift is constant over the genes.
+        In ``[-1, 1]``, best 1; ``nan`` if either shift is constant over the genes, or if the predicted shift
+        is numerically zero (every ``|δ_g^pred| <= 1e-5 · max_g |x̄_g^ctrl|``, float rounding: a prediction
+        that is the control population would otherwise score the correlation of its rounding noise).
 
     Examples
     --------
@@ -201,6 +207,8 @@ def pearson_delta(pred, real, control, genes: np.ndarray | None = None) -> float
     d_pred, d_real = _dense(pred).mean(0) - ctrl_mean, _dense(real).mean(0) - ctrl_mean
     if genes is not None:
         d_pred, d_real = d_pred[genes], d_real[genes]
+    if np.abs(d_pred).max(initial=0.0) <= ZERO_SHIFT_RTOL * np.abs(ctrl_mean).max(initial=0.0):
+        return float("nan")
     return float(np.corrcoef(d_pred, d_real)[0, 1])
 
 

@@ -96,8 +96,9 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
         ``"none"`` (released): the denoiser's output is the clean estimate ``x0``. ``"edm"`` (not in the released
         method; Karras et al. 2022 in variance-preserving form): ``x0 = relu(c_skip(t) x_t / sqrt(abar_t) +
         c_out(t) F)``, a skip connection that passes the state through at low noise (``c_skip -> 1``) and leaves
-        the network the whole estimate at high noise; see
-        :class:`~perturbdiff_scvi.module.PerturbDiffModule`.
+        the network the whole estimate at high noise. ``"edm_shrink"``: the same with a learned per-gene soft
+        threshold on the skip path, so that genes that are zero stay zero instead of carrying the residual noise
+        into the output (sparse data); see :class:`~perturbdiff_scvi.module.PerturbDiffModule`.
     sigma_data
         With ``preconditioning="edm"``: the standard deviation of the data in diffusion units; ``"auto"`` = the
         standard deviation of all registered training values divided by ``input_scale`` (stored resolved).
@@ -147,7 +148,7 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
         energy_weight: float = 1.0,
         mse_weight: float = 1.0,
         energy_weighting: Literal["constant", "abar"] = "constant",
-        preconditioning: Literal["none", "edm"] = "none",
+        preconditioning: Literal["none", "edm", "edm_shrink"] = "none",
         sigma_data: float | Literal["auto"] = "auto",
         p_drop_cond: float = 0.2,
         p_self_cond: float = 0.5,
@@ -159,7 +160,7 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
         input_scale = _ranges.input_scale_value(
             input_scale, lambda: self.adata_manager.get_from_registry(PDIFF_KEYS.X_KEY)
         )
-        if preconditioning == "edm":  # resolved and stored as a float; unused (1.0) without preconditioning
+        if preconditioning != "none":  # resolved and stored as a float; unused (1.0) without preconditioning
             sigma_data = _ranges.sigma_data_value(
                 sigma_data, input_scale, lambda: self.adata_manager.get_from_registry(PDIFF_KEYS.X_KEY)
             )

@@ -309,6 +309,9 @@ def assemble(
         if key is not None:
             used = sorted(set(values))
             obs[key] = pd.Categorical.from_codes([used.index(c) for c in values], categories=model._mapping(reg)[used])
+    # the obs columns of the output, so that tl.population_summary / tl.calibration find them without arguments
+    uns = {**uns, "perturbation_key": pert_key, "context_key": "None" if ctx_key is None else ctx_key}
+    uns["batch_key"] = "None" if batch_key is None else batch_key
     out = population_adata(
         np.concatenate(blocks),
         obs=obs,

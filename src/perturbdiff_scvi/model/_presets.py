@@ -50,8 +50,10 @@ def check_hyperparameters(**hp) -> dict:
         raise ValueError("energy_weight and mse_weight are both 0: the loss would be 0; keep at least one > 0.")
     if hp["energy_weighting"] not in ("constant", "abar"):
         raise ValueError(f"energy_weighting must be 'constant' (released) or 'abar'; got {hp['energy_weighting']!r}.")
-    if hp["preconditioning"] not in ("none", "edm"):
-        raise ValueError(f"preconditioning must be 'none' (released) or 'edm'; got {hp['preconditioning']!r}.")
+    if hp["preconditioning"] not in ("none", "edm", "edm_shrink"):
+        raise ValueError(
+            f"preconditioning must be 'none' (released), 'edm' or 'edm_shrink'; got {hp['preconditioning']!r}."
+        )
     for name in ("p_drop_cond", "p_self_cond", "ema_decay"):
         hp[name] = finite_number(hp[name], name, minimum=0)
         if hp[name] > 1:

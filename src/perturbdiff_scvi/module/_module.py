@@ -59,7 +59,11 @@ class PerturbDiffModule(BaseModuleClass):
         ``c_skip = sigma_data^2 / (sigma^2 + sigma_data^2)`` and ``c_out = sigma sigma_data / sqrt(sigma^2 +
         sigma_data^2)``, so that at low noise the estimate passes the state through instead of rebuilding every
         gene of every cell from the ``n_hidden``-wide token. ``sigma_data``: standard deviation of the data in
-        diffusion units.
+        diffusion units. ``"edm_shrink"``: the same with a learned per-gene soft threshold on the skip path,
+        ``x0 = relu(c_skip (x_t / sqrt(abar) - k_g sigma) + c_out F)``, ``k_g = exp(denoiser.log_threshold_g)``
+        (initially 1): the skip connection then passes a gene only where it stands out of the noise level
+        ``sigma``, so that the exact zeros of sparse data stay zero instead of passing the residual noise through
+        (the token of a cell is too narrow to cancel the noise of each gene).
     p_drop_cond
         Probability per set of replacing the covariates by the null embedding (classifier-free guidance).
     p_self_cond
@@ -90,7 +94,7 @@ class PerturbDiffModule(BaseModuleClass):
         energy_weight: float = 1.0,
         mse_weight: float = 1.0,
         energy_weighting: Literal["constant", "abar"] = "constant",
-        preconditioning: Literal["none", "edm"] = "none",
+        preconditioning: Literal["none", "edm", "edm_shrink"] = "none",
         sigma_data: float = 1.0,
         p_drop_cond: float = 0.2,
         p_self_cond: float = 0.5,
@@ -124,6 +128,8 @@ class PerturbDiffModule(BaseModuleClass):
             nonnegative=preconditioning == "none",
             perturbation_features=perturbation_features,
         )
+        if preconditioning == "edm_shrink":  # on the denoiser, so that the EMA copy averages it too
+            self.denoiser.register_parameter("log_threshold", torch.nn.Parameter(torch.zeros(n_genes)))
         self.ema = copy.deepcopy(self.denoiser).requires_grad_(False)
         if perturbation_components is not None:
             self.register_buffer("perturbation_components", torch.as_tensor(perturbation_components, dtype=torch.long))
@@ -142,7 +148,10 @@ class PerturbDiffModule(BaseModuleClass):
         sd2 = self.sigma_data**2
         c_skip = sd2 / (sigma2 + sd2)
         c_out = (sigma2 * sd2 / (sigma2 + sd2)).sqrt()
-        return torch.relu(c_skip * x_t / abar.sqrt() + c_out * out)
+        skip = x_t / abar.sqrt()
+        if self.preconditioning == "edm_shrink":
+            skip = skip - net.log_threshold.exp().to(x_t.dtype) * sigma2.sqrt()
+        return torch.relu(c_skip * skip + c_out * out)
 
     # ----------------------------------------------------------------- batch layout
     def _unpack(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

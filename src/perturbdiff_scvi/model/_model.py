@@ -100,9 +100,9 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
         threshold on the skip path, so that genes that are zero stay zero instead of carrying the residual noise
         into the output (sparse data); see :class:`~perturbdiff_scvi.module.PerturbDiffModule`.
     sigma_data
-        With ``preconditioning="edm"``: the standard deviation of the data in diffusion units; ``"auto"`` = the
-        standard deviation of all registered training values divided by ``input_scale`` (stored resolved).
-        Not used otherwise.
+        With ``preconditioning="edm"`` or ``"edm_shrink"``: the standard deviation of the data in diffusion
+        units; ``"auto"`` = the standard deviation of all registered training values divided by ``input_scale``
+        (stored resolved). Not used otherwise.
     p_drop_cond
         Probability of training a set with the null covariate embedding (classifier-free guidance). The
         released runs use 0.5; 0.2 trains the conditional model on more sets, which short runs need (see the
@@ -160,7 +160,9 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
         input_scale = _ranges.input_scale_value(
             input_scale, lambda: self.adata_manager.get_from_registry(PDIFF_KEYS.X_KEY)
         )
-        if preconditioning != "none":  # resolved and stored as a float; unused (1.0) without preconditioning
+        # resolved and stored as a float with an EDM preconditioning; unused (1.0) otherwise. An invalid value
+        # reads no data: check_hyperparameters below rejects it.
+        if preconditioning in ("edm", "edm_shrink"):
             sigma_data = _ranges.sigma_data_value(
                 sigma_data, input_scale, lambda: self.adata_manager.get_from_registry(PDIFF_KEYS.X_KEY)
             )

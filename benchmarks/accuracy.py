@@ -35,6 +35,7 @@ import json
 import logging
 import multiprocessing
 import os
+import pickle
 import platform
 import shlex
 import sys
@@ -332,16 +333,59 @@ def run_job(task, payload, args, seed):
     return run_condition(task, *payload, args)
 
 
+#: The arguments a finished job's saved result depends on; ``--resume`` reuses it only when they match.
+JOB_ARGS = ("max_steps", "quick", "model_kwargs", "predict_kwargs")
+
+
+def job_file(out: Path, seed: int, task: str, payload) -> Path:
+    name = "".join(c if c.isalnum() else "_" for c in str(payload[0]))
+    return out / "jobs" / f"seed{seed}_{task}_{name}.pkl"
+
+
+def load_job(path: Path, args):
+    """A saved job result when ``--resume`` is on and it was made with the same JOB_ARGS, else ``None``."""
+    if not (args.resume and path.exists()):
+        return None
+    with path.open("rb") as fh:
+        saved = pickle.load(fh)
+    if saved["args"] != {k: getattr(args, k) for k in JOB_ARGS}:
+        logger.warning("%s was made with other options %s: rerunning it", path.name, saved["args"])
+        return None
+    return saved["result"]
+
+
+def save_job(path: Path, args, result) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as fh:
+        pickle.dump({"args": {k: getattr(args, k) for k in JOB_ARGS}, "result": result}, fh)
+    tmp.replace(path)
+
+
 def run_all(jobs, args, seeds) -> dict:
-    """``{seed: results of run_job for every (task, payload), in order}``; ``args.jobs`` conditions at a time."""
+    """``{seed: results of run_job for every (task, payload), in order}``; ``args.jobs`` conditions at a time.
+
+    Each finished job is saved under ``<out>/jobs/`` as it completes, so that an interrupted run loses only the
+    jobs in flight; ``--resume`` reuses the saved ones."""
     todo = [(seed, task, payload) for seed in seeds for task, payload in jobs]
+    paths = [job_file(args.out, seed, task, payload) for seed, task, payload in todo]
+    done = [load_job(path, args) for path in paths]
+    missing = [i for i, d in enumerate(done) if d is None]
+    if len(missing) < len(todo):
+        print(f"resumed {len(todo) - len(missing)} of {len(todo)} jobs from {args.out / 'jobs'}", flush=True)
     if args.jobs <= 1:
-        done = [run_job(task, payload, args, seed) for seed, task, payload in todo]
+        for i in missing:
+            seed, task, payload = todo[i]
+            done[i] = run_job(task, payload, args, seed)
+            save_job(paths[i], args, done[i])
     else:
         context = multiprocessing.get_context("spawn")  # no fork after torch has started its threads
         with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-            futures = [pool.submit(run_job, task, payload, args, seed) for seed, task, payload in todo]
-            done = [f.result() for f in futures]
+            futures = {pool.submit(run_job, todo[i][1], todo[i][2], args, todo[i][0]): i for i in missing}
+            for future in concurrent.futures.as_completed(futures):
+                i = futures[future]
+                done[i] = future.result()
+                save_job(paths[i], args, done[i])
     return {seed: done[i * len(jobs) : (i + 1) * len(jobs)] for i, seed in enumerate(seeds)}
 
 
@@ -566,6 +610,10 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--predict-kwargs", type=json.loads, default={},
         help='options of every predict_population call as JSON, e.g. \'{"counts": true}\'',
+    )  # fmt: skip
+    parser.add_argument(
+        "--resume", action="store_true", help="reuse the finished jobs saved under <out>/jobs/ by an earlier run "
+        "with the same --max-steps, --quick, --model-kwargs and --predict-kwargs (each job is saved as it finishes)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

@@ -38,6 +38,12 @@ def test_quick_benchmark_writes_tables_figures_and_targets(tmp_path):
     assert "QUICK RUN" in summary and "## Targets" in summary
     run = json.loads((out / "run.json").read_text())
     assert run["jobs"] == 2 and run["conditions"]["kang"]["CD4T"]["train_steps"] == 3
+    # Every finished job was saved; --resume rebuilds the same tables from them without training again.
+    assert len(list((out / "jobs").glob("*.pkl"))) == 3  # kang CD4T, B; norman doubles (--quick)
+    again = subprocess.run([*cmd, "--out", str(out), "--resume"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed 3 of 3 jobs" in again.stdout
+    pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv"), results)
 
 
 @pytest.fixture(scope="module")

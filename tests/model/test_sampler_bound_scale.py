@@ -192,6 +192,28 @@ def test_auto_bound_keeps_dense_predictions_within_1p5_x_the_training_max(dense_
     assert (tamed <= bound).all() and (tamed >= 0).all()
 
 
+def test_auto_statistics_are_read_from_the_training_matrix_once_per_model(dense_model, monkeypatch):
+    """x0_bound="auto" / zero_threshold="auto" / counts read the registered matrix on the first call only, and
+    the cached values are the training matrix's own (per-gene maximum, realistic zero threshold)."""
+    from perturbdiff_scvi._constants import PDIFF_KEYS
+    from perturbdiff_scvi.metrics import realistic_zero_threshold
+
+    model, adata = dense_model
+    model.__dict__.pop("_training_statistics", None)
+    manager, reads = model.adata_manager, []
+    original = manager.get_from_registry
+    monkeypatch.setattr(manager, "get_from_registry", lambda key: reads.append(key) or original(key))
+    kwargs = {"contexts": "CD4T", "n_cells": 8, "n_steps": 2, "seed": 0, "x0_bound": "auto", "zero_threshold": "auto"}
+    first = model.predict_population("stimulated", **kwargs)
+    first_reads, reads[:] = reads.count(PDIFF_KEYS.X_KEY), []
+    second = model.predict_population("stimulated", **kwargs)
+    np.testing.assert_array_equal(np.asarray(first.X), np.asarray(second.X))
+    assert first_reads - reads.count(PDIFF_KEYS.X_KEY) == 2  # the two statistics, on the first call only
+    stats = model.__dict__["_training_statistics"]
+    np.testing.assert_allclose(stats["gene_max"], _dense(adata.X).max(0), rtol=1e-6)
+    assert stats["zero_threshold"] == realistic_zero_threshold(adata.X)
+
+
 # ------------------------------------------------------------------------------ input_scale="auto"
 def test_auto_input_scale_resolves_to_the_nonzero_rms(dense_model, setup_adata):
     from perturbdiff_scvi import PerturbDiff

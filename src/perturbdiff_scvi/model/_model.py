@@ -378,6 +378,25 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
             return None
         return PerturbationVocabulary(self._mapping(PDIFF_KEYS.PERT_KEY), delimiter, self._setup_arg("control_value"))
 
+    def _training_statistic(self, name: Literal["gene_max", "zero_threshold"]):
+        """A statistic of the registered training matrix, computed on first use and kept for this model object.
+
+        ``"gene_max"``: per-gene maximum ``(G,)`` (``x0_bound="auto"``, the count sampler's cap);
+        ``"zero_threshold"``: :func:`~perturbdiff_scvi.metrics.realistic_zero_threshold` (``zero_threshold="auto"``).
+        Each is one pass over the matrix (a full read for backed AnnData), so repeated ``predict_population``
+        calls pay it once. Not saved: a loaded model recomputes it from the AnnData it is loaded with.
+        """
+        cache = self.__dict__.setdefault("_training_statistics", {})
+        if name not in cache:
+            if name == "gene_max":
+                compute = _ranges.gene_max
+            elif name == "zero_threshold":
+                from ..metrics import realistic_zero_threshold as compute  # lazy: keeps metrics off import
+            else:
+                raise ValueError(f"unknown training statistic {name!r}")
+            cache[name] = compute(self.adata_manager.get_from_registry(PDIFF_KEYS.X_KEY))
+        return cache[name]
+
     @property
     def var_names(self) -> pd.Index:
         """Genes the model was trained on, in order."""

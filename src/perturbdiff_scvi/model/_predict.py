@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
@@ -19,7 +20,7 @@ from ..diffusion import RELEASED_START_TIME, SAMPLER_NAMES
 from ..diffusion._sampling import sampler_choices
 from ._controls import ControlSource
 from ._counts import sample_counts
-from ._ranges import gene_max, x0_bound_value
+from ._ranges import x0_bound_value
 
 if TYPE_CHECKING:
     from ._model import PerturbDiff
@@ -125,14 +126,12 @@ class SamplingOptions:
         )
 
 
-def zero_threshold_value(value, training_matrix) -> float | None:
-    """``zero_threshold`` as a float (``"auto"``: from the registered training matrix) or ``None``."""
+def zero_threshold_value(value, auto_threshold: Callable[[], float]) -> float | None:
+    """``zero_threshold`` as a float (``"auto"``: ``auto_threshold()``, from the training matrix) or ``None``."""
     if value is None:
         return None
     if isinstance(value, str) and value == "auto":
-        from ..metrics import realistic_zero_threshold  # lazy: keeps the metrics package off import
-
-        return realistic_zero_threshold(training_matrix())
+        return float(auto_threshold())
     if not is_finite_number(value):
         raise ValueError(f"zero_threshold must be None, 'auto' or a finite number >= 0; got {value!r}.")
     if value < 0:
@@ -347,9 +346,8 @@ def predict(
     module = model.module
     n_cells = optional_positive_int(n_cells, "n_cells")
     n_populations = positive_int(n_populations, "n_populations")
-    training_matrix = lambda: model.adata_manager.get_from_registry(PDIFF_KEYS.X_KEY)
-    zero_threshold = zero_threshold_value(zero_threshold, training_matrix)
-    x0_max = x0_bound_value(x0_bound, training_matrix)
+    zero_threshold = zero_threshold_value(zero_threshold, lambda: model._training_statistic("zero_threshold"))
+    x0_max = x0_bound_value(x0_bound, lambda: model._training_statistic("gene_max"))
     perturbations = as_list(perturbations, "perturbations")
     pert_key, ctx_key, batch_key = (model._setup_arg(k) for k in ("perturbation_key", "context_key", "batch_key"))
     codes = registered_codes(model.adata_manager)
@@ -408,7 +406,7 @@ def predict(
     layers = None
     if counts:
         count_rng = np.random.default_rng(rng.integers(2**62))  # drawn last: counts=False draws stay the same
-        upper = gene_max(training_matrix())
+        upper = model._training_statistic("gene_max")
         pairs = [
             sample_counts(
                 x, source.library_sizes(conditions[job.condition].ctx, conditions[job.condition].batch,

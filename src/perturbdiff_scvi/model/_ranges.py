@@ -76,13 +76,13 @@ def sigma_data_value(value, input_scale: float, training_matrix: Callable[[], ob
     return float(value)
 
 
-def x0_bound_value(value, training_matrix: Callable[[], object]) -> np.ndarray | float | None:
-    """``x0_bound`` in expression units: ``None``; ``"auto"`` = 1.5 x the per-gene training maximum ``(G,)``;
-    or a number > 0 (one cap for every gene)."""
+def x0_bound_value(value, training_gene_max: Callable[[], np.ndarray]) -> np.ndarray | float | None:
+    """``x0_bound`` in expression units: ``None``; ``"auto"`` = 1.5 x the per-gene training maximum ``(G,)``
+    (``training_gene_max()``, read only for ``"auto"``); or a number > 0 (one cap for every gene)."""
     if value is None:
         return None
     if isinstance(value, str) and value == "auto":
-        return (AUTO_BOUND_FACTOR * gene_max(training_matrix())).astype(np.float32)
+        return (AUTO_BOUND_FACTOR * training_gene_max()).astype(np.float32)
     if not is_finite_number(value):
         raise ValueError(f"x0_bound must be None, 'auto' or a finite number > 0; got {value!r}.")
     if value <= 0:

@@ -202,7 +202,7 @@ def test_control_adata_duplicated_var_names(model):
             obs=ctrl.obs.copy(),
             var=pd.DataFrame(index=[*ctrl.var_names, "gene0", "gene1"]),
         )
-    with pytest.raises(ValueError, match=r"control_adata\.var_names has duplicates.*var_names_make_unique\(\)"):
+    with pytest.raises(ValueError, match=r"control_adata\.var_names are not unique.*var_names_make_unique\(\)"):
         model.predict_population("A", control_adata=dup, **FAST)
 
 

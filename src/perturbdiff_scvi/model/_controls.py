@@ -12,7 +12,7 @@ import numpy as np
 from anndata import AnnData
 
 from .._constants import PDIFF_KEYS
-from .._validation import MissingKeyError, check_log_normalised, dense_rows, layer_names
+from .._validation import MissingKeyError, check_log_normalised, check_unique_var_names, dense_rows, layer_names
 from ..data import control_pool
 from ._counts import counts_matrix, library_sizes
 
@@ -113,8 +113,7 @@ def prepare_control_adata(model: PerturbDiff, control_adata: AnnData):
             f"control_adata lacks {len(missing)} of the {len(genes)} training genes (e.g. "
             f"{list(missing[:5])}); subset or pad it to model.var_names."
         )
-    if not control_adata.var_names.is_unique:
-        raise ValueError("control_adata.var_names has duplicates; run control_adata.var_names_make_unique().")
+    check_unique_var_names(control_adata, "control_adata")
     layer = model._setup_arg("layer") or model._setup_arg("rna_layer")
     if layer is not None and layer not in layer_names(control_adata):
         raise MissingKeyError(

@@ -15,7 +15,8 @@ MSE only); ``energy_abar`` (``energy_weighting="abar"``); ``edm`` (``preconditio
 ``edm_energy_0`` (``preconditioning="edm"``, ``energy_weight=0``); ``edm_shrink``, ``edm_shrink_abar``,
 ``edm_shrink_energy_0`` (the same three with ``preconditioning="edm_shrink"``). Sampling variants: DDIM 50 steps
 (default), DDIM 200 steps, DDPM 50 steps, the released truncated DDIM (``start_time=100``), guidance 0 and 1,
-``x0_bound="auto"``, ``init="control"`` from ``start_time=300``, ``counts=True`` (with guidance 0.5 and 0).
+``x0_bound="auto"`` (the default since it was measured here) and ``x0_bound=None`` (released, uncapped),
+``init="control"`` from ``start_time=300``, ``counts=True`` (with guidance 0.5 and 0).
 Scored with ``tl.evaluate`` (PCA of the training cells) against the real held-out cells,
 beside the additive baseline, the control cells and the half-vs-half ceiling. The trajectory table records, for the
 default sampler on each default model, the maximum of ``x_t`` and of the x0 estimate at each step and their share
@@ -53,6 +54,7 @@ SAMPLING = {
     "guidance0": {"guidance_scale": 0.0},
     "guidance1": {"guidance_scale": 1.0},
     "x0_bound_auto": {"x0_bound": "auto"},
+    "x0_bound_none": {"x0_bound": None},  # the released, uncapped sampler (x0_bound="auto" is the default)
     "init_control_t300": {"init": "control", "start_time": 300},
     "counts": {"counts": True},
     "counts_guidance0": {"counts": True, "guidance_scale": 0.0},

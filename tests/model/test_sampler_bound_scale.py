@@ -68,12 +68,12 @@ def test_predict_defaults_equal_the_explicit_previous_options(trained_model):
     kw = {**FAST, "n_cells": 8}  # one set: the default 50 steps stay cheap
     default = trained_model.predict_population("A", seed=0, **kw)
     explicit = trained_model.predict_population(
-        "A", seed=0, n_steps=50, sampler="ddim", start_time=None, x0_bound=None, guidance_scale=0.5, **kw
+        "A", seed=0, n_steps=50, sampler="ddim", start_time=None, x0_bound="auto", guidance_scale=0.5, **kw
     )
     np.testing.assert_array_equal(default.X, explicit.X)
     uns = default.uns["perturbdiff"]
     assert uns["sampler"] == "ddim" and uns["n_steps"] == 50
-    assert uns["start_time"] == "None" and uns["x0_bound"] == "None"
+    assert uns["start_time"] == "None" and uns["x0_bound"] == "auto"
     assert trained_model.module.input_scale == 1.0  # default input_scale
 
 
@@ -183,8 +183,8 @@ def test_auto_bound_keeps_dense_predictions_within_1p5_x_the_training_max(dense_
     try:
         with torch.no_grad():
             net.bias.add_(20.0)
-        wild = np.asarray(model.predict_population("stimulated", n_steps=3, **kwargs).X)
-        tamed = np.asarray(model.predict_population("stimulated", n_steps=3, x0_bound="auto", **kwargs).X)
+        wild = np.asarray(model.predict_population("stimulated", n_steps=3, x0_bound=None, **kwargs).X)
+        tamed = np.asarray(model.predict_population("stimulated", n_steps=3, **kwargs).X)  # the default "auto"
     finally:
         with torch.no_grad():
             net.bias.copy_(saved)

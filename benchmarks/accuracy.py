@@ -343,13 +343,17 @@ def job_file(out: Path, seed: int, task: str, payload) -> Path:
     return out / "jobs" / f"seed{seed}_{task}_{name}.pkl"
 
 
+def job_args(args) -> dict:
+    return {k: getattr(args, k) for k in JOB_ARGS}
+
+
 def load_job(path: Path, args):
     """A saved job result when ``--resume`` is on and it was made with the same JOB_ARGS, else ``None``."""
     if not (args.resume and path.exists()):
         return None
     with path.open("rb") as fh:
         saved = pickle.load(fh)
-    if saved["args"] != {k: getattr(args, k) for k in JOB_ARGS}:
+    if saved["args"] != job_args(args):
         logger.warning("%s was made with other options %s: rerunning it", path.name, saved["args"])
         return None
     return saved["result"]
@@ -359,7 +363,7 @@ def save_job(path: Path, args, result) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with tmp.open("wb") as fh:
-        pickle.dump({"args": {k: getattr(args, k) for k in JOB_ARGS}, "result": result}, fh)
+        pickle.dump({"args": job_args(args), "result": result}, fh)
     tmp.replace(path)
 
 

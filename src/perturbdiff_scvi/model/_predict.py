@@ -338,7 +338,7 @@ def predict(
     seed: int | None,
     bias_correction: bool,
     zero_threshold,
-    x0_bound="auto",
+    x0_bound,
     counts: bool = False,
     counts_layer: str = "counts",
 ) -> AnnData:

@@ -13,23 +13,30 @@ Protocol (public API only; package model defaults; ``scvi.settings.seed`` = the 
 - scoring: ``tl.calibration(..., group_key="donor")`` at levels 0.5 / 0.8 / 0.9 / 0.95: each donor's pseudobulk
   log2 fold change against its own control cells, ``log2((mean expm1 x + 0.1) / (mean expm1 c + 0.1))``, checked
   against the central interval of the sampled populations' log fold changes (same control); coverage and rank
-  histograms pooled over (cell type, donor, gene).
+  histograms pooled over (cell type, donor, gene);
+- conformal intervals: a second model per seed is trained without the stimulated cells of ``--calibrate-on``
+  (default B cells, CD8 T cells, FCGR3A+ Monocytes; never a target type) and predicts those the same way;
+  ``tl.conformal_intervals`` learns the model's error on them, and the targets are checked with
+  ``tl.calibration(..., conformal=ci)`` (variant ``conformal``); ``conformal_reverse`` swaps the roles.
 
 Goal (issue "Many plausible populations with calibrated uncertainty"): nominal 80 % intervals cover 70-90 % of the
 real per-donor log fold changes. The same predictions are also scored with the training data's zero pattern
 (``zero_small_values`` at ``realistic_zero_threshold``, as ``zero_threshold="auto"``) as a diagnostic. Outputs in
-``--out``: coverage.csv, groups.csv, rank_histogram.csv, per_gene.csv.gz, rank_histogram.png, summary.md, run.json.
+``--out``: coverage.csv, groups.csv, rank_histogram.csv, per_gene.csv.gz, conformal.csv, rank_histogram.png,
+summary.md, run.json.
 
-Run (about 3 minutes per seed on one CPU thread at 1,500 steps):
+Run (two models per seed, each a few minutes on one CPU thread at 1,500 steps; ``--jobs 2`` trains two at once):
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/calibration.py --seeds 0,1,2 --threads 1
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/calibration.py --seeds 0,1,2 --threads 1 --jobs 2
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import logging
+import multiprocessing
 import platform
 import shlex
 import sys
@@ -75,11 +82,17 @@ def split(held_out: list[str], n_hvg: int):
     return train, adata[held, genes].copy(), adata[in_types & mask(adata, "condition", CONTROL), genes].copy()
 
 
-def run_seed(seed: int, train, real, control, args) -> tuple[dict[str, tl.CalibrationResult], dict]:
-    """Train one model, predict every held-out (cell type, donor) and calibrate it, as sampled and zeroed."""
+def train_and_predict(seed: int, held_out: list[str], args) -> dict:
+    """Train one model without ``held_out``'s stimulated cells and predict every held-out (cell type, donor).
+
+    Runs in a worker process when ``--jobs`` > 1. Returns the split, the predictions as sampled and zeroed
+    (values below ``realistic_zero_threshold(train.X)`` set to 0, as ``zero_threshold="auto"``) and timings."""
+    torch.set_num_threads(args.threads)
+    for name in ("lightning", "lightning.pytorch", "scvi"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     t0 = time.time()
+    train, real, control = split(held_out, args.n_hvg)
     scvi.settings.seed = seed
-    train = train.copy()
     PerturbDiff.setup_anndata(train, control_value=CONTROL, batch_key=DONOR, **KEYS)
     model = PerturbDiff(train)
     model.train(max_steps=args.max_steps, enable_progress_bar=False)
@@ -98,18 +111,56 @@ def run_seed(seed: int, train, real, control, args) -> tuple[dict[str, tl.Calibr
             for (ct, donor), n in sizes.items()
         ]
         pred = ad.concat(parts, index_unique="-")
-    zeroed = pred.copy()  # the same as zero_threshold="auto": the realistic zero pattern of the training data
+    zeroed = pred.copy()
     zeroed.X = zero_small_values(zeroed.X, realistic_zero_threshold(train.X))
-    results = {
-        name: tl.calibration(p, real, control, group_key=DONOR, levels=LEVELS, seed=seed, **KEYS)
-        for name, p in (("default", pred), ("zeroed", zeroed))
-    }
     facts = {
+        "held_out": held_out,
         "train_seconds": round(t_train, 1),
         "seconds": round(time.time() - t0, 1),
         "train_steps": int(model.trainer.global_step),
     }
-    return results, facts
+    return {"real": real, "control": control, "preds": {"default": pred, "zeroed": zeroed}, "facts": facts}
+
+
+def run_all(args) -> dict:
+    """``{(seed, fold): train_and_predict(...)}`` for the target fold and, unless disabled, the calibration fold."""
+    folds = {"target": args.held_out, **({"calibration": args.calibrate_on} if args.calibrate_on else {})}
+    todo = [(seed, fold) for seed in args.seeds for fold in folds]
+    if args.jobs <= 1:
+        return {(seed, fold): train_and_predict(seed, folds[fold], args) for seed, fold in todo}
+    context = multiprocessing.get_context("spawn")  # no fork after torch has started its threads
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        futures = {(seed, fold): pool.submit(train_and_predict, seed, folds[fold], args) for seed, fold in todo}
+        return {key: future.result() for key, future in futures.items()}
+
+
+def score_seed(seed: int, runs: dict) -> dict[str, tl.CalibrationResult]:
+    """Calibration of one seed's target predictions: sampled, zeroed and, with a calibration fold, conformal.
+
+    ``conformal``: the target fold checked against intervals learnt (``tl.conformal_intervals``) on the
+    calibration fold's held-out cell types; ``conformal_reverse``: the other way round (calibration-fold types
+    checked with intervals learnt on the target types), a second, independent test of the same method."""
+    target = runs[(seed, "target")]
+
+    def check(run, pred, **kwargs):
+        return tl.calibration(
+            pred, run["real"], run["control"], group_key=DONOR, levels=LEVELS, seed=seed, **KEYS, **kwargs
+        )
+
+    results = {name: check(target, pred) for name, pred in target["preds"].items()}
+    learnt = {}
+    if (seed, "calibration") in runs:
+        other = runs[(seed, "calibration")]
+        results["calibration_fold"] = check(other, other["preds"]["default"])
+        for variant, source, run in (
+            ("conformal", results["calibration_fold"], target),
+            ("conformal_reverse", results["default"], other),
+        ):
+            ci = tl.conformal_intervals(source)
+            results[variant] = check(run, run["preds"]["default"], conformal=ci)
+            learnt[variant] = {"seed": seed, "variant": variant, "offset": ci.offset, "n_groups": ci.n_groups}
+            learnt[variant].update({f"q_{round(lv * 100)}": ci.quantile(lv) for lv in LEVELS})
+    return results, list(learnt.values())
 
 
 def data_reference(real, control) -> pd.DataFrame:
@@ -243,6 +294,50 @@ def summary_md(coverage, groups, extra, strata, reference, args, facts) -> str:
     return "\n".join(lines) + "\n"
 
 
+def conformal_md(coverage, groups, learnt, args) -> str:
+    """The section on ``tl.conformal_intervals``: coverage of the target types with intervals learnt elsewhere."""
+    level, lo, hi = GOAL
+    main = pivot_coverage(coverage[coverage["variant"] == "conformal"], args.seeds)
+    reverse = pivot_coverage(coverage[coverage["variant"] == "conformal_reverse"], args.seeds)
+    fold = pivot_coverage(coverage[coverage["variant"] == "calibration_fold"], args.seeds)
+    got = main.loc[level, "mean"]
+    verdict = "MET" if lo <= got <= hi else "NOT MET"
+    targets, others = ", ".join(args.held_out), ", ".join(args.calibrate_on)
+    lines = [
+        "",
+        "## Conformal intervals (`tl.conformal_intervals`)",
+        "",
+        f"A second model per seed is trained without the stimulated {others} cells (both donors) and predicts",
+        "them the same way; `tl.conformal_intervals(tl.calibration(...))` on those held-out types learns how far the",
+        "real LFCs fall from the sampled mean, in units of the sampled sd plus an offset (the median sampled sd).",
+        f"The target types ({targets}) are then checked with intervals `mean -/+ q_L (sd + offset)`",
+        "(`tl.calibration(..., conformal=ci)`); no target cell is used to learn them.",
+        "",
+        main.round(3).to_markdown(),
+        "",
+        f"Goal: nominal {level:.0%} intervals cover {lo:.0%}-{hi:.0%}. Measured with conformal intervals: {got:.1%} "
+        f"(mean over seeds): **{verdict}**.",
+        "",
+        "Per target group (and, `conformal_reverse`, the calibration types checked with intervals learnt on the",
+        "target types, a second test of the same method):",
+        "",
+        groups.round(3).to_markdown(index=False),
+        "",
+        "`conformal_reverse` coverage (calibration types, intervals learnt on the target types):",
+        "",
+        reverse.round(3).to_markdown(),
+        "",
+        "The calibration types' own sampled intervals (no conformal step), for comparison:",
+        "",
+        fold.round(3).to_markdown(),
+        "",
+        "Learnt multipliers `q_L` and offsets (log2 units):",
+        "",
+        learnt.round(3).to_markdown(index=False),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def strata_table(per_gene: pd.DataFrame) -> pd.DataFrame:
     part = per_gene[per_gene["variant"] == "default"].copy()
     part["control_tertile"] = pd.qcut(part["control_expr"], 3, labels=["low", "mid", "high"])
@@ -272,9 +367,19 @@ def main(argv=None) -> None:
     parser.add_argument("--n-populations", type=int, default=20)
     parser.add_argument("--n-hvg", type=int, default=500)
     parser.add_argument("--held-out", default="CD4 T cells,CD14+ Monocytes")
+    parser.add_argument(
+        "--calibrate-on",
+        default="B cells,CD8 T cells,FCGR3A+ Monocytes",
+        help="cell types held out of a second model per seed, on which tl.conformal_intervals learns the model's "
+        "error ('' = no conformal intervals)",
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="models trained at once, each on --threads threads")
     args = parser.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.held_out = [s.strip() for s in args.held_out.split(",")]
+    args.calibrate_on = [s.strip() for s in args.calibrate_on.split(",") if s.strip()]
+    if set(args.held_out) & set(args.calibrate_on):
+        parser.error("--held-out and --calibrate-on must not share a cell type: calibrate on other contexts")
     args.command = " ".join(shlex.quote(a) for a in ["python", "benchmarks/calibration.py", *(argv or sys.argv[1:])])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("lightning").setLevel(logging.WARNING)
@@ -282,32 +387,41 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    train, real, control = split(args.held_out, args.n_hvg)
+    runs = run_all(args)
+    real, control = runs[(args.seeds[0], "target")]["real"], runs[(args.seeds[0], "target")]["control"]
     tables: dict[str, list] = {"coverage": [], "groups": [], "rank_histogram": [], "per_gene": []}
-    extra, facts = [], {"seeds": {}}
+    extra, conformal_rows, facts = [], [], {"seeds": {}}
     for seed in args.seeds:
-        results, seed_facts = run_seed(seed, train, real, control, args)
-        logger.info("seed %d: %s\n%s", seed, seed_facts, results["default"].coverage.to_string())
-        facts["seeds"][seed] = seed_facts
+        results, learnt = score_seed(seed, runs)
+        conformal_rows += learnt
+        facts["seeds"][seed] = {fold: run["facts"] for (s, fold), run in runs.items() if s == seed}
+        logger.info("seed %d: %s\n%s", seed, facts["seeds"][seed], results["default"].coverage.to_string())
         for variant, result in results.items():
             tag = {"seed": seed, "variant": variant}
+            fold = "calibration" if variant in ("conformal_reverse", "calibration_fold") else "target"
             for name in tables:
                 tables[name].append(getattr(result, name).assign(**tag))
-            extra.append({**tag, **diagnostics(result.per_gene)})
+            tables["per_gene"][-1]["control_expr"] = control_expression(result.per_gene, runs[(seed, fold)]["control"])
+            if variant in ("default", "zeroed"):
+                extra.append({**tag, **diagnostics(result.per_gene)})
     facts["total_seconds"] = round(time.time() - t0, 1)
     coverage, groups, hists, per_gene = (pd.concat(tables[n], ignore_index=True) for n in tables)
-    per_gene["control_expr"] = control_expression(per_gene, control)
-    cols = ["variant", "seed", "level", "nominal", "empirical", "n", "se", "max_attainable"]
+    cols = ["variant", "seed", "level", "nominal", "empirical", "n", "se", "max_attainable", "intervals"]
     coverage[cols].to_csv(args.out / "coverage.csv", index=False)
     groups.to_csv(args.out / "groups.csv", index=False)
     hists.to_csv(args.out / "rank_histogram.csv", index=False)
     per_gene.to_csv(args.out / "per_gene.csv.gz", index=False, float_format="%.4g")
     group_cols = ["seed", "context", "group", "coverage_80", "bias", "rmse", "mean_sd", "z_mean", "z_sd"]
     default_groups = groups.loc[groups["variant"] == "default", group_cols]
+    conformal_groups = groups.loc[groups["variant"].isin(["conformal", "conformal_reverse"]), ["variant", *group_cols]]
+    target_rows = per_gene["variant"].isin(["default", "zeroed"])
     text = summary_md(
-        coverage, default_groups, pd.DataFrame(extra), strata_table(per_gene), data_reference(real, control), args,
-        facts,
+        coverage, default_groups, pd.DataFrame(extra), strata_table(per_gene[target_rows]),
+        data_reference(real, control), args, facts,
     )  # fmt: skip
+    if conformal_rows:
+        pd.DataFrame(conformal_rows).to_csv(args.out / "conformal.csv", index=False)
+        text += conformal_md(coverage, conformal_groups, pd.DataFrame(conformal_rows), args)
     (args.out / "summary.md").write_text(text)
     pooled = hists[hists["variant"] == "default"].groupby("rank")["count"].sum()
     fig, ax = plt.subplots(figsize=(5, 3))

@@ -90,3 +90,30 @@ def test_seed_spread_and_stress_check(accuracy):
     check = accuracy.stress_check(results, "kang_dense")
     assert "| pearson_delta | higher | 1/2 | 0.750 | 0.700 |" in check
     assert "1.70 (target <= 1.5: NOT REACHED)" in check
+
+
+CALIBRATION = SCRIPT.parent / "calibration.py"
+
+
+@pytest.mark.skipif(not CALIBRATION.exists(), reason="benchmarks/ is not shipped in the sdist")
+def test_calibration_benchmark_learns_conformal_intervals_on_other_types(tmp_path):
+    """Two folds per seed (targets, calibration types); conformal coverage rows and the learnt multipliers."""
+    out = tmp_path / "cal"
+    cmd = [sys.executable, str(CALIBRATION), "--seeds", "0", "--max-steps", "2", "--n-populations", "3"]
+    done = subprocess.run([*cmd, "--n-hvg", "60", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    coverage = pd.read_csv(out / "coverage.csv")
+    assert set(coverage["variant"]) == {"default", "zeroed", "calibration_fold", "conformal", "conformal_reverse"}
+    assert set(coverage.loc[coverage["variant"].str.startswith("conformal"), "intervals"]) == {"conformal"}
+    assert set(coverage.loc[~coverage["variant"].str.startswith("conformal"), "intervals"]) == {"sampled"}
+    learnt = pd.read_csv(out / "conformal.csv")
+    assert list(learnt["variant"]) == ["conformal", "conformal_reverse"]
+    assert (learnt["q_50"] <= learnt["q_80"]).all() and (learnt["q_80"] <= learnt["q_95"]).all()
+    groups = pd.read_csv(out / "groups.csv")
+    targets = groups.loc[groups["variant"] == "conformal", "context"]
+    assert set(targets) == {"CD4 T cells", "CD14+ Monocytes"}  # checked on the targets, learnt elsewhere
+    assert "## Conformal intervals" in (out / "summary.md").read_text()
+    clash = subprocess.run(
+        [*cmd, "--calibrate-on", "CD4 T cells", "--out", str(tmp_path / "x")], capture_output=True, text=True
+    )
+    assert clash.returncode != 0 and "must not share a cell type" in clash.stderr

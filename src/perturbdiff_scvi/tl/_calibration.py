@@ -11,6 +11,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._validation import check_obs_column
+from ._conformal import ConformalIntervals, check_conformal
 from ._populations import (
     DEFAULT_PSEUDOCOUNT,
     central_interval,
@@ -40,7 +41,9 @@ class CalibrationResult:
         One row per level: ``level``, ``nominal``, ``empirical`` (share of (group, gene) real log fold changes
         inside the predicted central interval), ``n`` (pairs), ``se`` (binomial standard error, treating pairs
         as independent, which they are not quite: genes of a group share the group), ``max_attainable``
-        (``(K - 1) / (K + 1)`` for the smallest ``K``: the coverage of ``[min, max]``).
+        (``(K - 1) / (K + 1)`` for the smallest ``K``: the coverage of ``[min, max]``; 1 for conformal
+        intervals), ``intervals`` (``"sampled"``: central intervals of the samples; ``"conformal"``: the
+        ``conformal`` argument's).
     rank_histogram
         ``n_populations``, ``rank`` (0 .. K: how many of the ``K`` sampled log fold changes lie below the real
         one, ties split at random), ``count``, ``frequency`` and ``expected`` (``1 / (K + 1)``). Flat =
@@ -92,6 +95,7 @@ def calibration(
     pseudocount: float = DEFAULT_PSEUDOCOUNT,
     matched_control: bool | None = None,
     layer: str | None = None,
+    conformal: ConformalIntervals | None = None,
     seed: int = 0,
 ) -> CalibrationResult:
     """Check the sampled populations' intervals against held-out real populations (donors, batches, replicates).
@@ -143,6 +147,11 @@ def calibration(
         ``control.obs`` has ``group_key``.
     layer
         Layer to read instead of ``X`` (in every AnnData).
+    conformal
+        Check the conformal intervals ``lfc_mean -/+ q_L (lfc_sd + offset)`` of
+        :func:`~perturbdiff_scvi.tl.conformal_intervals` (learnt on *other* held-out populations) instead of the
+        central intervals of the samples; ``coverage["intervals"]`` says which were checked. The ranks and ``z``
+        stay those of the samples.
     seed
         Seed of the random split of ties in the ranks.
 
@@ -160,6 +169,7 @@ def calibration(
     """
     levels = check_levels(levels)
     pseudocount = check_pseudocount(pseudocount)
+    check_conformal(conformal)
     perturbation_key, context_key = condition_keys(pred, perturbation_key, context_key)
     if group_key is None:
         raise ValueError("group_key is required: the obs column of real naming its populations (e.g. 'donor').")
@@ -208,7 +218,7 @@ def calibration(
             "lfc_sd": sd,
         }
         for level in levels:
-            lo, hi = central_interval(samples, level)
+            lo, hi = central_interval(samples, level) if conformal is None else conformal.interval(mean, sd, level)
             tag = level_tag(level)
             frame[f"lfc_lower_{tag}"], frame[f"lfc_upper_{tag}"] = lo, hi
             frame[f"inside_{tag}"] = (real_lfc >= lo) & (real_lfc <= hi)
@@ -218,21 +228,22 @@ def calibration(
         records.append(pd.DataFrame(frame))
     per_gene = pd.concat(records, ignore_index=True)
     return CalibrationResult(
-        coverage=_coverage(per_gene, levels),
+        coverage=_coverage(per_gene, levels, conformal=conformal is not None),
         rank_histogram=_rank_histogram(per_gene),
         per_gene=per_gene,
         groups=_groups(per_gene, levels),
     )
 
 
-def _coverage(per_gene: pd.DataFrame, levels: tuple[float, ...]) -> pd.DataFrame:
+def _coverage(per_gene: pd.DataFrame, levels: tuple[float, ...], *, conformal: bool) -> pd.DataFrame:
     k_min = int(per_gene["n_populations"].min())
-    attainable = (k_min - 1) / (k_min + 1)
+    attainable = 1.0 if conformal else (k_min - 1) / (k_min + 1)
     out = []
     for level in levels:
         inside = per_gene[f"inside_{level_tag(level)}"].to_numpy()
         p = float(inside.mean())
-        out.append((level_tag(level), level, p, inside.size, float(np.sqrt(p * (1 - p) / inside.size)), attainable))
+        se = float(np.sqrt(p * (1 - p) / inside.size))
+        out.append((level_tag(level), level, p, inside.size, se, attainable, "conformal" if conformal else "sampled"))
     too_high = [lv for lv in levels if lv > attainable + 1e-12]
     if too_high:
         warnings.warn(
@@ -241,7 +252,8 @@ def _coverage(per_gene: pd.DataFrame, levels: tuple[float, ...]) -> pd.DataFrame
             UserWarning,
             stacklevel=3,
         )
-    return pd.DataFrame(out, columns=["level", "nominal", "empirical", "n", "se", "max_attainable"])
+    columns = ["level", "nominal", "empirical", "n", "se", "max_attainable", "intervals"]
+    return pd.DataFrame(out, columns=columns)
 
 
 def _rank_histogram(per_gene: pd.DataFrame) -> pd.DataFrame:

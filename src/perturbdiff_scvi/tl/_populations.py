@@ -15,6 +15,7 @@ from anndata import AnnData
 
 from .._validation import check_obs_column, dense_rows, expression_matrix
 from ..metrics import energy_distance, fit_pca
+from ._conformal import ConformalIntervals, check_conformal
 
 #: Default pseudocount of the log fold change, in normalised-expression units (``expm1`` of log1p data).
 DEFAULT_PSEUDOCOUNT = 0.1
@@ -194,6 +195,7 @@ def population_summary(
     max_cells: int | None = 500,
     seed: int = 0,
     key_added: str | None = None,
+    conformal: ConformalIntervals | None = None,
 ) -> pd.DataFrame:
     """Per condition and gene: how the sampled populations spread, with intervals and P(up) / P(down).
 
@@ -242,6 +244,13 @@ def population_summary(
     key_added
         Also store the table in ``pred.uns[key_added]`` (nothing else of ``pred`` changes); ``None`` = only
         return it.
+    conformal
+        Log-fold-change intervals that include the model's own error: ``lfc_lower_<L>`` / ``lfc_upper_<L>``
+        become ``lfc_mean -/+ q_L (lfc_sd + offset)`` of :func:`~perturbdiff_scvi.tl.conformal_intervals`,
+        learnt on held-out real populations (``attrs["lfc_intervals"]`` says ``"conformal"``). The central
+        intervals of the samples alone (``None``, the default) show population-to-population variability only
+        and are far too narrow for the model's error on unseen contexts (``benchmarks/README.md``). ``p_up``,
+        ``p_down`` and the expression intervals stay those of the samples.
 
     Returns
     -------
@@ -261,6 +270,7 @@ def population_summary(
     """
     levels = check_levels(levels)
     pseudocount = check_pseudocount(pseudocount)
+    check_conformal(conformal)
     perturbation_key, context_key = condition_keys(pred, perturbation_key, context_key)
     pops = population_codes(pred, population_key)
     names, cols = gene_columns(pred, {"control": control}, genes)
@@ -305,7 +315,12 @@ def population_summary(
             frame[f"{what}_mean"] = values.mean(0)
             frame[f"{what}_sd"] = values.std(0, ddof=1) if k > 1 else np.full(len(names), np.nan)
             for level in levels:
-                lo, hi = central_interval(values, level) if k > 1 else (np.full(len(names), np.nan),) * 2
+                if k < 2:
+                    lo, hi = (np.full(len(names), np.nan),) * 2
+                elif what == "lfc" and conformal is not None:
+                    lo, hi = conformal.interval(frame["lfc_mean"], frame["lfc_sd"], level)
+                else:
+                    lo, hi = central_interval(values, level)
                 frame[f"{what}_lower_{level_tag(level)}"] = lo
                 frame[f"{what}_upper_{level_tag(level)}"] = hi
         frame["p_up"] = (lfcs > 0).mean(0)
@@ -329,6 +344,7 @@ def population_summary(
             "edistance_space": "genes" if n_pcs is None else f"PCA of control ({pca.n_comps} components)",
             "perturbation_key": perturbation_key,
             "context_key": context_key,
+            "lfc_intervals": "sampled" if conformal is None else "conformal",
         }
     )
     if key_added is not None:

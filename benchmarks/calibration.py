@@ -70,16 +70,20 @@ def mask(adata, column, value) -> np.ndarray:
     return (adata.obs[column].astype(str) == str(value)).to_numpy()
 
 
-def split(held_out: list[str], n_hvg: int):
-    """Training AnnData (on its HVGs), real held-out stimulated cells and the control cells of those types."""
+def split(held_out: list[str], n_hvg: int, donors: list[str]):
+    """Training AnnData (on its HVGs), real held-out stimulated cells and the control cells of those types.
+
+    Held out: the stimulated cells of the ``held_out`` types in ``donors`` (the other donors' stay in training)."""
     adata = datasets.kang2018_donors()
-    held = adata.obs["cell_type"].astype(str).isin(held_out).to_numpy() & mask(adata, "condition", PERT)
+    in_types = adata.obs["cell_type"].astype(str).isin(held_out).to_numpy()
+    in_donors = adata.obs[DONOR].astype(str).isin(donors).to_numpy()
+    held = in_types & in_donors & mask(adata, "condition", PERT)
     train = adata[~held].copy()
     sc.pp.highly_variable_genes(train, n_top_genes=n_hvg)
     genes = train.var_names[train.var["highly_variable"].to_numpy()]
     train = train[:, genes].copy()
-    in_types = adata.obs["cell_type"].astype(str).isin(held_out).to_numpy()
-    return train, adata[held, genes].copy(), adata[in_types & mask(adata, "condition", CONTROL), genes].copy()
+    control = in_types & in_donors & mask(adata, "condition", CONTROL)
+    return train, adata[held, genes].copy(), adata[control, genes].copy()
 
 
 def train_and_predict(seed: int, held_out: list[str], args) -> dict:
@@ -91,7 +95,7 @@ def train_and_predict(seed: int, held_out: list[str], args) -> dict:
     for name in ("lightning", "lightning.pytorch", "scvi"):
         logging.getLogger(name).setLevel(logging.WARNING)
     t0 = time.time()
-    train, real, control = split(held_out, args.n_hvg)
+    train, real, control = split(held_out, args.n_hvg, args.donors)
     scvi.settings.seed = seed
     PerturbDiff.setup_anndata(train, control_value=CONTROL, batch_key=DONOR, **KEYS)
     model = PerturbDiff(train)
@@ -231,6 +235,15 @@ def pivot_coverage(coverage: pd.DataFrame, seeds: list[int]) -> pd.DataFrame:
     return pivot
 
 
+def markdown(frame: pd.DataFrame, *, index: bool = True) -> str:
+    """A markdown table, numbers rounded to 3 decimals (no ``tabulate`` dependency, unlike ``to_markdown``)."""
+    frame = frame.reset_index() if index else frame
+    cell = lambda v: "" if pd.isna(v) else str(round(v, 3)) if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|---" * len(frame.columns) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
 def summary_md(coverage, groups, extra, strata, reference, args, facts) -> str:
     main = pivot_coverage(coverage[coverage["variant"] == "default"], args.seeds)
     zeroed = pivot_coverage(coverage[coverage["variant"] == "zeroed"], args.seeds)
@@ -242,7 +255,7 @@ def summary_md(coverage, groups, extra, strata, reference, args, facts) -> str:
         "",
         f"Command: `{args.command}`",
         "",
-        f"Held out: stimulated {', '.join(args.held_out)} cells of both donors (101, 107); {args.n_hvg} HVGs; "
+        f"Held out: stimulated {', '.join(args.held_out)} cells of donors {', '.join(args.donors)}; {args.n_hvg} HVGs; "
         f"{args.max_steps} training steps; K = {args.n_populations} populations per (cell type, donor), each "
         "conditioned on that donor's own control cells; log2 fold change "
         "`log2((mean expm1 x + 0.1) / (mean expm1 c + 0.1))` against the donor's own control cells; "
@@ -252,7 +265,7 @@ def summary_md(coverage, groups, extra, strata, reference, args, facts) -> str:
         "",
         "Package defaults (`predict_population` as is):",
         "",
-        main.round(3).to_markdown(),
+        markdown(main),
         "",
         f"Goal: nominal {level:.0%} intervals cover {lo:.0%}-{hi:.0%}. Measured: {got:.1%} (mean over seeds): "
         f"**{verdict}**. The largest attainable coverage with K = {args.n_populations} is "
@@ -261,7 +274,7 @@ def summary_md(coverage, groups, extra, strata, reference, args, facts) -> str:
         "Same predictions with the training data's zero pattern (values below `realistic_zero_threshold(train.X)` set",
         'to 0, as `zero_threshold="auto"`; a diagnostic, not the default):',
         "",
-        zeroed.round(3).to_markdown(),
+        markdown(zeroed),
         "",
         "## Diagnosis",
         "",
@@ -269,9 +282,9 @@ def summary_md(coverage, groups, extra, strata, reference, args, facts) -> str:
         "`mean_sd` = mean spread (sd) of the sampled LFCs, `z = (real - mean) / sd` (calibrated: `z_mean` about 0,",
         "`z_sd` about 1).",
         "",
-        groups.round(3).to_markdown(index=False),
+        markdown(groups, index=False),
         "",
-        extra.round(3).to_markdown(index=False),
+        markdown(extra, index=False),
         "",
         "`bias_share` = bias^2 / rmse^2 (share of the squared error that a constant per-group shift explains);",
         "`inflation_80` = the factor by which the sampled spread would have to grow for 80 % of |z| to fall",
@@ -281,13 +294,13 @@ def summary_md(coverage, groups, extra, strata, reference, args, facts) -> str:
         "80 % coverage and error by expression of the gene in the donor's control cells (tertiles of mean log1p;",
         "all seeds pooled):",
         "",
-        strata.round(3).to_markdown(index=False),
+        markdown(strata, index=False),
         "",
         "Model-free scales of the real per-donor LFCs: `bootstrap_sd` = mean over genes of the sd of the LFC when",
         "the donor's 100 stimulated cells are resampled (cell-sampling noise); `donor_sd` = sd over genes of the",
         "difference of the two donors' LFCs / sqrt(2) (donor-to-donor spread plus that noise):",
         "",
-        reference.round(3).to_markdown(index=False),
+        markdown(reference, index=False),
         "",
         f"Run time: {facts['total_seconds']:.0f} s in total.",
     ]
@@ -307,13 +320,14 @@ def conformal_md(coverage, groups, learnt, args) -> str:
         "",
         "## Conformal intervals (`tl.conformal_intervals`)",
         "",
-        f"A second model per seed is trained without the stimulated {others} cells (both donors) and predicts",
-        "them the same way; `tl.conformal_intervals(tl.calibration(...))` on those held-out types learns how far the",
-        "real LFCs fall from the sampled mean, in units of the sampled sd plus an offset (the median sampled sd).",
+        f"A second model per seed is trained without the stimulated {others} cells (donors {', '.join(args.donors)})",
+        "and predicts them the same way; `tl.conformal_intervals(tl.calibration(...))` on those held-out types learns",
+        "how far the real LFCs fall from the sampled mean, in units of the sampled sd plus an offset (the median",
+        "sampled sd).",
         f"The target types ({targets}) are then checked with intervals `mean -/+ q_L (sd + offset)`",
         "(`tl.calibration(..., conformal=ci)`); no target cell is used to learn them.",
         "",
-        main.round(3).to_markdown(),
+        markdown(main),
         "",
         f"Goal: nominal {level:.0%} intervals cover {lo:.0%}-{hi:.0%}. Measured with conformal intervals: {got:.1%} "
         f"(mean over seeds): **{verdict}**.",
@@ -321,19 +335,19 @@ def conformal_md(coverage, groups, learnt, args) -> str:
         "Per target group (and, `conformal_reverse`, the calibration types checked with intervals learnt on the",
         "target types, a second test of the same method):",
         "",
-        groups.round(3).to_markdown(index=False),
+        markdown(groups, index=False),
         "",
         "`conformal_reverse` coverage (calibration types, intervals learnt on the target types):",
         "",
-        reverse.round(3).to_markdown(),
+        markdown(reverse),
         "",
         "The calibration types' own sampled intervals (no conformal step), for comparison:",
         "",
-        fold.round(3).to_markdown(),
+        markdown(fold),
         "",
         "Learnt multipliers `q_L` and offsets (log2 units):",
         "",
-        learnt.round(3).to_markdown(index=False),
+        markdown(learnt, index=False),
     ]
     return "\n".join(lines) + "\n"
 
@@ -373,11 +387,17 @@ def main(argv=None) -> None:
         help="cell types held out of a second model per seed, on which tl.conformal_intervals learns the model's "
         "error ('' = no conformal intervals)",
     )
+    parser.add_argument(
+        "--donors",
+        default="101,107",
+        help="donors whose stimulated cells of the held-out types are held out (the others' stay in training)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="models trained at once, each on --threads threads")
     args = parser.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.held_out = [s.strip() for s in args.held_out.split(",")]
     args.calibrate_on = [s.strip() for s in args.calibrate_on.split(",") if s.strip()]
+    args.donors = [s.strip() for s in args.donors.split(",")]
     if set(args.held_out) & set(args.calibrate_on):
         parser.error("--held-out and --calibrate-on must not share a cell type: calibrate on other contexts")
     args.command = " ".join(shlex.quote(a) for a in ["python", "benchmarks/calibration.py", *(argv or sys.argv[1:])])

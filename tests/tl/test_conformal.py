@@ -78,6 +78,14 @@ def test_population_summary_with_conformal_intervals(truth):  # noqa: F811
         half = ci.quantile(level) * (wide["lfc_sd"] + 0.5)
         np.testing.assert_allclose(wide[f"lfc_lower_{tag}"], wide["lfc_mean"] - half)
         np.testing.assert_allclose(wide[f"lfc_upper_{tag}"], wide["lfc_mean"] + half)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from perturbdiff_scvi import pl
+
+    labels = [t.get_text() for t in pl.lfc_intervals(wide, n_top=5).get_legend().get_texts()]
+    assert "80 % conformal interval" in labels
+    assert "80 % interval" in [t.get_text() for t in pl.lfc_intervals(plain, n_top=5).get_legend().get_texts()]
     same = [c for c in plain.columns if not c.startswith("lfc_lower") and not c.startswith("lfc_upper")]
     pd.testing.assert_frame_equal(wide[same], plain[same])  # means, sds, p_up, expression intervals unchanged
 

@@ -148,7 +148,8 @@ def lfc_intervals(
     """Forest plot of the predicted log fold changes with their central intervals, optionally real marks.
 
     One row per gene: the mean log fold change over the sampled populations (dot) and the central interval at
-    ``level`` (line), from :func:`~perturbdiff_scvi.tl.population_summary`. ``real_lfc`` adds each real group's
+    ``level`` (line), from :func:`~perturbdiff_scvi.tl.population_summary` (its conformal intervals when it was
+    given ``conformal=``; the legend says so). ``real_lfc`` adds each real group's
     log fold change (a cross per group, e.g. per donor), so that real values outside the lines are visible.
 
     Parameters
@@ -204,7 +205,9 @@ def lfc_intervals(
     rows = table.loc[genes]
     y = np.arange(len(genes))[::-1]
     fig, ax = _axes(ax, figsize=(4.5, max(3.0, 0.25 * len(genes) + 1.0)))
-    ax.hlines(y, rows[lo_col], rows[hi_col], color="tab:blue", lw=2, alpha=0.6, label=f"{level_tag(level)} % interval")
+    kind = " conformal" if summary.attrs.get("lfc_intervals") == "conformal" else ""
+    label = f"{level_tag(level)} %{kind} interval"
+    ax.hlines(y, rows[lo_col], rows[hi_col], color="tab:blue", lw=2, alpha=0.6, label=label)
     ax.scatter(rows["lfc_mean"], y, s=16, color="tab:blue", zorder=3, label="predicted mean")
     if real_lfc is not None:
         marks = _real_lfc_table(real_lfc, summary)

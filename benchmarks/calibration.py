@@ -63,7 +63,9 @@ KEYS = {"perturbation_key": "condition", "context_key": "cell_type"}
 CONTROL, PERT, DONOR = "control", "stimulated", "donor"
 LEVELS = (0.5, 0.8, 0.9, 0.95)
 PSEUDOCOUNT = 0.1  # tl.calibration's default
-GOAL = (0.8, 0.7, 0.9)  # nominal level, lower and upper bound of the target coverage
+GOAL = (0.8, 0.7, 0.9)
+#: Offsets of the conformal score tried, in multiples of the median sampled sd (1000: about one width per gene).
+OFFSET_SWEEP = (0.0, 1.0, 2.0, 4.0, 1000.0)  # nominal level, lower and upper bound of the target coverage
 
 
 def mask(adata, column, value) -> np.ndarray:
@@ -152,7 +154,7 @@ def score_seed(seed: int, runs: dict) -> dict[str, tl.CalibrationResult]:
         )
 
     results = {name: check(target, pred) for name, pred in target["preds"].items()}
-    learnt = {}
+    learnt, sweep = {}, []
     if (seed, "calibration") in runs:
         other = runs[(seed, "calibration")]
         results["calibration_fold"] = check(other, other["preds"]["default"])
@@ -164,7 +166,14 @@ def score_seed(seed: int, runs: dict) -> dict[str, tl.CalibrationResult]:
             results[variant] = check(run, run["preds"]["default"], conformal=ci)
             learnt[variant] = {"seed": seed, "variant": variant, "offset": ci.offset, "n_groups": ci.n_groups}
             learnt[variant].update({f"q_{round(lv * 100)}": ci.quantile(lv) for lv in LEVELS})
-    return results, list(learnt.values())
+            median_sd = float(np.nanmedian(source.per_gene["lfc_sd"]))
+            for factor in OFFSET_SWEEP:
+                swept = tl.conformal_intervals(source, offset=factor * median_sd)
+                cov = check(run, run["preds"]["default"], conformal=swept).coverage.set_index("nominal")
+                sweep.append({"seed": seed, "variant": variant, "offset_factor": factor, **{
+                    f"coverage_{round(lv * 100)}": float(cov.loc[lv, "empirical"]) for lv in LEVELS
+                }})  # fmt: skip
+    return results, list(learnt.values()), sweep
 
 
 def data_reference(real, control) -> pd.DataFrame:
@@ -307,7 +316,7 @@ def summary_md(coverage, groups, extra, strata, reference, args, facts) -> str:
     return "\n".join(lines) + "\n"
 
 
-def conformal_md(coverage, groups, learnt, args) -> str:
+def conformal_md(coverage, groups, learnt, sweep, args) -> str:
     """The section on ``tl.conformal_intervals``: coverage of the target types with intervals learnt elsewhere."""
     level, lo, hi = GOAL
     main = pivot_coverage(coverage[coverage["variant"] == "conformal"], args.seeds)
@@ -322,8 +331,8 @@ def conformal_md(coverage, groups, learnt, args) -> str:
         "",
         f"A second model per seed is trained without the stimulated {others} cells (donors {', '.join(args.donors)})",
         "and predicts them the same way; `tl.conformal_intervals(tl.calibration(...))` on those held-out types learns",
-        "how far the real LFCs fall from the sampled mean, in units of the sampled sd plus an offset (the median",
-        "sampled sd).",
+        'how far the real LFCs fall from the sampled mean, in units of the sampled sd plus an offset (`offset="auto"`:',
+        "4x the median sampled sd).",
         f"The target types ({targets}) are then checked with intervals `mean -/+ q_L (sd + offset)`",
         "(`tl.calibration(..., conformal=ci)`); no target cell is used to learn them.",
         "",
@@ -348,6 +357,11 @@ def conformal_md(coverage, groups, learnt, args) -> str:
         "Learnt multipliers `q_L` and offsets (log2 units):",
         "",
         markdown(learnt, index=False),
+        "",
+        'Offset of the score, in multiples of the median sampled sd of the calibration pairs (default `"auto"` =',
+        "4; 0 = `|z|`; 1000 = about one width for every gene): 80 % coverage, mean over seeds:",
+        "",
+        markdown(sweep.pivot_table(index="offset_factor", columns="variant", values="coverage_80")),
     ]
     return "\n".join(lines) + "\n"
 
@@ -410,10 +424,11 @@ def main(argv=None) -> None:
     runs = run_all(args)
     real, control = runs[(args.seeds[0], "target")]["real"], runs[(args.seeds[0], "target")]["control"]
     tables: dict[str, list] = {"coverage": [], "groups": [], "rank_histogram": [], "per_gene": []}
-    extra, conformal_rows, facts = [], [], {"seeds": {}}
+    extra, conformal_rows, sweep_rows, facts = [], [], [], {"seeds": {}}
     for seed in args.seeds:
-        results, learnt = score_seed(seed, runs)
+        results, learnt, sweep = score_seed(seed, runs)
         conformal_rows += learnt
+        sweep_rows += sweep
         facts["seeds"][seed] = {fold: run["facts"] for (s, fold), run in runs.items() if s == seed}
         logger.info("seed %d: %s\n%s", seed, facts["seeds"][seed], results["default"].coverage.to_string())
         for variant, result in results.items():
@@ -441,7 +456,8 @@ def main(argv=None) -> None:
     )  # fmt: skip
     if conformal_rows:
         pd.DataFrame(conformal_rows).to_csv(args.out / "conformal.csv", index=False)
-        text += conformal_md(coverage, conformal_groups, pd.DataFrame(conformal_rows), args)
+        pd.DataFrame(sweep_rows).to_csv(args.out / "offset_sweep.csv", index=False)
+        text += conformal_md(coverage, conformal_groups, pd.DataFrame(conformal_rows), pd.DataFrame(sweep_rows), args)
     (args.out / "summary.md").write_text(text)
     pooled = hists[hists["variant"] == "default"].groupby("rank")["count"].sum()
     fig, ax = plt.subplots(figsize=(5, 3))

@@ -32,10 +32,10 @@ def test_quantile_rule_and_interval_by_hand():
     lo, hi = ci.interval(np.array([1.0, -1.0]), np.array([0.5, 0.0]), 0.5)
     np.testing.assert_allclose(lo, [1.0 - 2.5, -1.0])
     np.testing.assert_allclose(hi, [1.0 + 2.5, -1.0])
-    # the default offset is the median sampled sd: scores |e| / (sd + median(sd))
-    med = tl.conformal_intervals(_result([2.0, 0.0, 3.0], [0.0, 0.0, 0.0], [1.0, 3.0, 0.0]))
-    assert med.offset == 1.0
-    np.testing.assert_allclose(med.scores, [0.0, 1.0, 3.0])
+    # the default offset is 4x the median sampled sd: scores |e| / (sd + 4 median(sd))
+    auto = tl.conformal_intervals(_result([2.0, 0.0, 3.0], [0.0, 0.0, 0.0], [1.0, 3.0, 0.0]))
+    assert auto.offset == 4.0
+    np.testing.assert_allclose(auto.scores, [0.0, 2.0 / 5.0, 3.0 / 4.0])
     # no spread and no error scores 0; no spread with an error scores inf; non-finite rows are dropped
     edge = tl.conformal_intervals(_result([0.0, 1.0, np.nan], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]), offset=0)
     np.testing.assert_array_equal(edge.scores, [0.0, math.inf])

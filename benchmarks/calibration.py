@@ -22,8 +22,8 @@ Protocol (public API only; package model defaults; ``scvi.settings.seed`` = the 
 Goal (issue "Many plausible populations with calibrated uncertainty"): nominal 80 % intervals cover 70-90 % of the
 real per-donor log fold changes. The same predictions are also scored with the training data's zero pattern
 (``zero_small_values`` at ``realistic_zero_threshold``, as ``zero_threshold="auto"``) as a diagnostic. Outputs in
-``--out``: coverage.csv, groups.csv, rank_histogram.csv, per_gene.csv.gz, conformal.csv, rank_histogram.png,
-summary.md, run.json.
+``--out``: coverage.csv, groups.csv, rank_histogram.csv, per_gene.csv.gz, conformal.csv, offset_sweep.csv,
+rank_histogram.png, summary.md, run.json.
 
 Run (two models per seed, each a few minutes on one CPU thread at 1,500 steps; ``--jobs 2`` trains two at once):
 
@@ -63,9 +63,9 @@ KEYS = {"perturbation_key": "condition", "context_key": "cell_type"}
 CONTROL, PERT, DONOR = "control", "stimulated", "donor"
 LEVELS = (0.5, 0.8, 0.9, 0.95)
 PSEUDOCOUNT = 0.1  # tl.calibration's default
-GOAL = (0.8, 0.7, 0.9)
+GOAL = (0.8, 0.7, 0.9)  # nominal level, lower and upper bound of the target coverage
 #: Offsets of the conformal score tried, in multiples of the median sampled sd (1000: about one width per gene).
-OFFSET_SWEEP = (0.0, 1.0, 2.0, 4.0, 1000.0)  # nominal level, lower and upper bound of the target coverage
+OFFSET_SWEEP = (0.0, 1.0, 2.0, 4.0, 1000.0)
 
 
 def mask(adata, column, value) -> np.ndarray:
@@ -140,8 +140,10 @@ def run_all(args) -> dict:
         return {key: future.result() for key, future in futures.items()}
 
 
-def score_seed(seed: int, runs: dict) -> dict[str, tl.CalibrationResult]:
+def score_seed(seed: int, runs: dict) -> tuple[dict[str, tl.CalibrationResult], list[dict], list[dict]]:
     """Calibration of one seed's target predictions: sampled, zeroed and, with a calibration fold, conformal.
+
+    Returns the results by variant, the learnt multipliers per conformal variant and the offset sweep's coverage.
 
     ``conformal``: the target fold checked against intervals learnt (``tl.conformal_intervals``) on the
     calibration fold's held-out cell types; ``conformal_reverse``: the other way round (calibration-fold types

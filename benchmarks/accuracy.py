@@ -152,6 +152,14 @@ def mask(adata, column, value):
     return (adata.obs[column].astype(str) == str(value)).to_numpy()
 
 
+def md(frame: pd.DataFrame, index: bool = True) -> str:
+    """A markdown table (no tabulate dependency)."""
+    frame = frame.reset_index() if index else frame
+    cells = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row] for row in frame.itertuples(index=False)]
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|---" * len(frame.columns) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells])
+
+
 def conditions(task: str, quick: bool, n_top_genes: int):
     """Yield (held-out cell type, training AnnData, real held-out cells, matched control cells), genes selected."""
     spec = TASKS[task]

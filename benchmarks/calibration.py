@@ -55,6 +55,9 @@ import scanpy as sc
 import scvi
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import mask, md, quiet_logs
+
 from perturbdiff_scvi import PerturbDiff, datasets, tl
 from perturbdiff_scvi.metrics import realistic_zero_threshold, zero_small_values
 
@@ -66,10 +69,6 @@ PSEUDOCOUNT = 0.1  # tl.calibration's default
 GOAL = (0.8, 0.7, 0.9)  # nominal level, lower and upper bound of the target coverage
 #: Offsets of the conformal score tried, in multiples of the median sampled sd (1000: about one width per gene).
 OFFSET_SWEEP = (0.0, 1.0, 2.0, 4.0, 1000.0)
-
-
-def mask(adata, column, value) -> np.ndarray:
-    return (adata.obs[column].astype(str) == str(value)).to_numpy()
 
 
 def split(held_out: list[str], n_hvg: int, donors: list[str]):
@@ -94,8 +93,7 @@ def train_and_predict(seed: int, held_out: list[str], args) -> dict:
     Runs in a worker process when ``--jobs`` > 1. Returns the split, the predictions as sampled and zeroed
     (values below ``realistic_zero_threshold(train.X)`` set to 0, as ``zero_threshold="auto"``) and timings."""
     torch.set_num_threads(args.threads)
-    for name in ("lightning", "lightning.pytorch", "scvi"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_logs()
     t0 = time.time()
     train, real, control = split(held_out, args.n_hvg, args.donors)
     scvi.settings.seed = seed
@@ -246,15 +244,6 @@ def pivot_coverage(coverage: pd.DataFrame, seeds: list[int]) -> pd.DataFrame:
     return pivot
 
 
-def markdown(frame: pd.DataFrame, *, index: bool = True) -> str:
-    """A markdown table, numbers rounded to 3 decimals (no ``tabulate`` dependency, unlike ``to_markdown``)."""
-    frame = frame.reset_index() if index else frame
-    cell = lambda v: "" if pd.isna(v) else str(round(v, 3)) if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|---" * len(frame.columns) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
-
-
 def summary_md(coverage, groups, extra, strata, reference, args, facts) -> str:
     main = pivot_coverage(coverage[coverage["variant"] == "default"], args.seeds)
     zeroed = pivot_coverage(coverage[coverage["variant"] == "zeroed"], args.seeds)
@@ -276,7 +265,7 @@ def summary_md(coverage, groups, extra, strata, reference, args, facts) -> str:
         "",
         "Package defaults (`predict_population` as is):",
         "",
-        markdown(main),
+        md(main),
         "",
         f"Goal: nominal {level:.0%} intervals cover {lo:.0%}-{hi:.0%}. Measured: {got:.1%} (mean over seeds): "
         f"**{verdict}**. The largest attainable coverage with K = {args.n_populations} is "
@@ -285,7 +274,7 @@ def summary_md(coverage, groups, extra, strata, reference, args, facts) -> str:
         "Same predictions with the training data's zero pattern (values below `realistic_zero_threshold(train.X)` set",
         'to 0, as `zero_threshold="auto"`; a diagnostic, not the default):',
         "",
-        markdown(zeroed),
+        md(zeroed),
         "",
         "## Diagnosis",
         "",
@@ -293,9 +282,9 @@ def summary_md(coverage, groups, extra, strata, reference, args, facts) -> str:
         "`mean_sd` = mean spread (sd) of the sampled LFCs, `z = (real - mean) / sd` (calibrated: `z_mean` about 0,",
         "`z_sd` about 1).",
         "",
-        markdown(groups, index=False),
+        md(groups, index=False),
         "",
-        markdown(extra, index=False),
+        md(extra, index=False),
         "",
         "`bias_share` = bias^2 / rmse^2 (share of the squared error that a constant per-group shift explains);",
         "`inflation_80` = the factor by which the sampled spread would have to grow for 80 % of |z| to fall",
@@ -305,13 +294,13 @@ def summary_md(coverage, groups, extra, strata, reference, args, facts) -> str:
         "80 % coverage and error by expression of the gene in the donor's control cells (tertiles of mean log1p;",
         "all seeds pooled):",
         "",
-        markdown(strata, index=False),
+        md(strata, index=False),
         "",
         "Model-free scales of the real per-donor LFCs: `bootstrap_sd` = mean over genes of the sd of the LFC when",
         "the donor's 100 stimulated cells are resampled (cell-sampling noise); `donor_sd` = sd over genes of the",
         "difference of the two donors' LFCs / sqrt(2) (donor-to-donor spread plus that noise):",
         "",
-        markdown(reference, index=False),
+        md(reference, index=False),
         "",
         f"Run time: {facts['total_seconds']:.0f} s in total.",
     ]
@@ -338,7 +327,7 @@ def conformal_md(coverage, groups, learnt, sweep, args) -> str:
         f"The target types ({targets}) are then checked with intervals `mean -/+ q_L (sd + offset)`",
         "(`tl.calibration(..., conformal=ci)`); no target cell is used to learn them.",
         "",
-        markdown(main),
+        md(main),
         "",
         f"Goal: nominal {level:.0%} intervals cover {lo:.0%}-{hi:.0%}. Measured with conformal intervals: {got:.1%} "
         f"(mean over seeds): **{verdict}**.",
@@ -346,24 +335,24 @@ def conformal_md(coverage, groups, learnt, sweep, args) -> str:
         "Per target group (and, `conformal_reverse`, the calibration types checked with intervals learnt on the",
         "target types, a second test of the same method):",
         "",
-        markdown(groups, index=False),
+        md(groups, index=False),
         "",
         "`conformal_reverse` coverage (calibration types, intervals learnt on the target types):",
         "",
-        markdown(reverse),
+        md(reverse),
         "",
         "The calibration types' own sampled intervals (no conformal step), for comparison:",
         "",
-        markdown(fold),
+        md(fold),
         "",
         "Learnt multipliers `q_L` and offsets (log2 units):",
         "",
-        markdown(learnt, index=False),
+        md(learnt, index=False),
         "",
         'Offset of the score, in multiples of the median sampled sd of the calibration pairs (default `"auto"` =',
         "4; 0 = `|z|`; 1000 = about one width for every gene): 80 % coverage, mean over seeds:",
         "",
-        markdown(sweep.pivot_table(index="offset_factor", columns="variant", values="coverage_80")),
+        md(sweep.pivot_table(index="offset_factor", columns="variant", values="coverage_80")),
     ]
     return "\n".join(lines) + "\n"
 

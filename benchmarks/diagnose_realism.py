@@ -39,7 +39,7 @@ import scanpy as sc
 import scvi
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import CONTROL, KEYS, PERT, kang_dense_panel, mask, quiet_logs
+from accuracy import CONTROL, KEYS, PERT, kang_dense_panel, mask, md, quiet_logs
 
 from perturbdiff_scvi import PerturbDiff, baselines, datasets, tl
 from perturbdiff_scvi.diffusion import RangeMonitor
@@ -100,14 +100,6 @@ def relabelled(control):
     out = control.copy()
     out.obs["condition"] = pd.Categorical([PERT] * out.n_obs)
     return out
-
-
-def md(frame: pd.DataFrame, index: bool = True) -> str:
-    """A markdown table (no tabulate dependency)."""
-    frame = frame.reset_index() if index else frame
-    cells = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row] for row in frame.itertuples(index=False)]
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|---" * len(frame.columns) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells])
 
 
 def train_model(train, variant: str, max_steps: int, seed: int):

@@ -109,6 +109,10 @@ def test_calibration_benchmark_learns_conformal_intervals_on_other_types(tmp_pat
     learnt = pd.read_csv(out / "conformal.csv")
     assert list(learnt["variant"]) == ["conformal", "conformal_reverse"]
     assert (learnt["q_50"] <= learnt["q_80"]).all() and (learnt["q_80"] <= learnt["q_95"]).all()
+    sweep = pd.read_csv(out / "offset_sweep.csv").set_index(["variant", "offset_factor"])
+    for variant in ("conformal", "conformal_reverse"):  # offset="auto" (4x) is the sweep's 4x row
+        got = coverage[coverage["variant"] == variant].set_index("level")["empirical"]
+        assert sweep.loc[(variant, 4.0), "coverage_80"] == pytest.approx(got[80])
     groups = pd.read_csv(out / "groups.csv")
     targets = groups.loc[groups["variant"] == "conformal", "context"]
     assert set(targets) == {"CD4 T cells", "CD14+ Monocytes"}  # checked on the targets, learnt elsewhere

@@ -534,7 +534,7 @@ held-out cells against the other half. Seconds per task: summed over its conditi
     if run.get("held_out"):
         lines += [f"**Subset run** (`--held-out {','.join(run['held_out'])}`): means over these conditions only, not "
                   "over the whole task; the targets below are checked on the subset.\n"]  # fmt: skip
-    seeds = sorted(results["seed"].unique())
+    seeds = sorted(int(s) for s in results["seed"].unique())
     for task in results["task"].unique():
         lines += [f"## {task}", "", md_table(method_means(results, task), "method"), ""]
         realism = method_means(results, task, REALISM_METRICS)

@@ -64,8 +64,19 @@ from perturbdiff_scvi.metrics import (
 
 logger = logging.getLogger("benchmarks.accuracy")
 PERT, CONTROL, KEYS = "stimulated", "control", {"perturbation_key": "condition", "context_key": "cell_type"}
+#: Other samplings of the same trained model, scored beside ``PerturbDiff`` (the package defaults) and
+#: ``PerturbDiff_zeroed`` (``--variants`` picks some; a ``--predict-kwargs`` option of the same name wins over them).
+VARIANTS = {
+    "PerturbDiff_guidance1": {"guidance_scale": 1.0},  # the released guidance weight
+    "PerturbDiff_corrected": {"bias_correction": True},  # also scored zeroed, as PerturbDiff_corrected_zeroed
+    "PerturbDiff_unbounded": {"x0_bound": None},  # the released uncapped sampler
+    "PerturbDiff_steps1": {"n_steps": 1},  # DDIM with 1 / 2 / 5 steps instead of 50
+    "PerturbDiff_steps2": {"n_steps": 2},
+    "PerturbDiff_steps5": {"n_steps": 5},
+}
 MODEL_METHODS = ["PerturbDiff", "PerturbDiff_zeroed", "PerturbDiff_guidance1", "PerturbDiff_corrected"]
 MODEL_METHODS += ["PerturbDiff_corrected_zeroed", "PerturbDiff_unbounded"]
+MODEL_METHODS += ["PerturbDiff_steps1", "PerturbDiff_steps2", "PerturbDiff_steps5"]
 METHODS = [*MODEL_METHODS, "control", "cell_mean", "additive", "additive_zeroed", "pooled"]
 METHODS += ["linear", "same_type_other_donor", "ceiling"]
 SUMMARY_METRICS = ["pearson_delta", "r2_top100_de", "e_distance", "overlap_at_N", "discrimination_score_l1", "mae"]
@@ -187,17 +198,18 @@ def mean(x) -> np.ndarray:
     return np.asarray(x.mean(axis=0)).ravel()
 
 
-def model_predictions(model, perturbation, threshold, **kwargs) -> dict:
-    """PerturbDiff with the package defaults and with ``bias_correction=True``, each also zeroed (the same as
-    ``zero_threshold="auto"``), with the released guidance weight 1, and with the released uncapped sampler
-    (``x0_bound=None``; the default is ``"auto"``)."""
-    preds = {}
-    for name, corrected in (("PerturbDiff", False), ("PerturbDiff_corrected", True)):
-        preds[name] = model.predict_population(perturbation, bias_correction=corrected, **kwargs)
-        preds[f"{name}_zeroed"] = zeroed(preds[name], threshold)
-    preds["PerturbDiff_guidance1"] = model.predict_population(perturbation, guidance_scale=1.0, **kwargs)
-    if "x0_bound" not in kwargs:
-        preds["PerturbDiff_unbounded"] = model.predict_population(perturbation, **{**kwargs, "x0_bound": None})
+def model_predictions(model, perturbation, threshold, variants=tuple(VARIANTS), **kwargs) -> dict:
+    """PerturbDiff with the package defaults (and zeroed, the same as ``zero_threshold="auto"``), and the
+    ``variants`` of :data:`VARIANTS` sampled from the same model (``PerturbDiff_corrected`` also zeroed)."""
+    preds = {"PerturbDiff": model.predict_population(perturbation, **kwargs)}
+    preds["PerturbDiff_zeroed"] = zeroed(preds["PerturbDiff"], threshold)
+    for name in variants:
+        options = VARIANTS[name]
+        if set(options) & set(kwargs):  # e.g. --predict-kwargs '{"x0_bound": null}': the variant is the default
+            continue
+        preds[name] = model.predict_population(perturbation, **kwargs, **options)
+        if name == "PerturbDiff_corrected":
+            preds[f"{name}_zeroed"] = zeroed(preds[name], threshold)
     return preds
 
 
@@ -210,10 +222,11 @@ def run_condition(task, ct, train, real, control, args):
     model = PerturbDiff(train, **args.model_kwargs)
     model.train(max_steps=args.max_steps, enable_progress_bar=False)
     threshold = realistic_zero_threshold(train.X)
-    preds = model_predictions(
-        model, PERT, threshold, contexts=ct, batches=batch, n_cells=real.n_obs, seed=args.seed, **args.predict_kwargs
-    )
+    where = {"contexts": ct, "batches": batch, "n_cells": real.n_obs, "seed": args.seed, **args.predict_kwargs}
+    preds = model_predictions(model, PERT, threshold, args.variants, **where)
     for name, fn in BASELINES.items():
+        if name not in args.baselines:
+            continue
         try:
             preds[name] = fn(
                 train, PERT, ct, control_value=CONTROL, batch_key=batch_key, n_cells=real.n_obs, seed=args.seed, **KEYS
@@ -293,9 +306,9 @@ def run_norman_fold(fold, train, reals, control, args, task: str = "norman"):
     for pert, real in reals.items():
         t1 = time.time()
         where = {} if ctx is None else {"contexts": ctx}
-        preds = model_predictions(model, pert, threshold, n_cells=real.n_obs, seed=args.seed, **where,
+        preds = model_predictions(model, pert, threshold, args.variants, n_cells=real.n_obs, seed=args.seed, **where,
                                   **args.predict_kwargs)  # fmt: skip
-        for name in names:
+        for name in [n for n in names if n in args.baselines]:
             extra = setup_extra if name == "linear" else {}
             try:
                 preds[name] = BASELINES[name](
@@ -304,7 +317,7 @@ def run_norman_fold(fold, train, reals, control, args, task: str = "norman"):
             except Exception as exc:  # noqa: BLE001 - a failing baseline is recorded as missing
                 logger.warning("%s / %s: baseline %r missing: %s", task, pert, name, exc)
         common = {"pca_reference": train, "seed": args.seed, **keys}
-        table = tl.evaluate(preds, real, control, baseline="cell_mean", **common)
+        table = tl.evaluate(preds, real, control, baseline="cell_mean" if "cell_mean" in preds else None, **common)
         half, reference = baselines.half_vs_half_ceiling(real, seed=args.seed, **keys)
         table = pd.concat([table, tl.evaluate({"ceiling": half}, reference, control, baseline=None, **common)])
         held_out = pert if task == "norman" else f"{pert}|{fold}"
@@ -343,7 +356,7 @@ def run_job(task, payload, args, seed):
 
 
 #: The arguments a finished job's saved result depends on; ``--resume`` reuses it only when they match.
-JOB_ARGS = ("max_steps", "quick", "model_kwargs", "predict_kwargs")
+JOB_ARGS = ("max_steps", "quick", "model_kwargs", "predict_kwargs", "variants", "baselines")
 
 
 def job_file(out: Path, seed: int, task: str, payload) -> Path:
@@ -525,6 +538,7 @@ guidance_scale=1. PerturbDiff_corrected: the same model with `predict_population
 (an option, not the released method: subtracts the per-gene mean error of regenerated controls).
 PerturbDiff (default `x0_bound="auto"`): each step's clean estimate capped at 1.5x the gene's training maximum;
 PerturbDiff_unbounded: the same model with the released uncapped sampler (`predict_population(x0_bound=None)`).
+PerturbDiff_steps1 / _steps2 / _steps5: the same model sampled with DDIM over 1 / 2 / 5 steps instead of 50.
 *_zeroed / additive_zeroed: values below the 1 % quantile of the non-zero training values set to 0, as
 `predict_population(zero_threshold="auto")` does (thresholds in run.json). PDS (discrimination_score_l1) ranks
 each predicted shift among the real shifts of the task's held-out conditions. The ceiling scores half of the real
@@ -560,15 +574,16 @@ held-out cells against the other half. Seconds per task: summed over its conditi
     lines += ["## Targets\n"]
     for task in [t for t in TARGETS if t in set(results["task"])]:
         means = method_means(results, task)
+        methods = [m for m in MODEL_METHODS if m in means.index]
         lines += [
             f"{task}, mean over held-out conditions" + (" (QUICK RUN: not meaningful)" if quick else "") + ":",
             "",
-            "| metric | target | " + " | ".join(f"{m} | " for m in MODEL_METHODS) + " |",
-            "|---|---|" + "---|---|" * len(MODEL_METHODS),
+            "| metric | target | " + " | ".join(f"{m} | " for m in methods) + " |",
+            "|---|---|" + "---|---|" * len(methods),
         ]
         for metric, (op, target) in TARGETS[task].items():
             cells = []
-            for method in MODEL_METHODS:
+            for method in methods:
                 v = means.loc[method, metric] if method in means.index and metric in means.columns else np.nan
                 ok = np.isfinite(v) and (v >= target if op == ">=" else v <= target)
                 cells += [f"{v:.3f}", "REACHED" if ok else "NOT REACHED"]
@@ -632,6 +647,14 @@ def main(argv=None) -> None:
         "folds doubles / singles; for mcfaline cell lines), e.g. CD4T,B,doubles (default: all of each task)",
     )  # fmt: skip
     parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated other samplings of each trained model to "
+        f"score (default all of {list(VARIANTS)}; '' for none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--baselines", default=",".join(BASELINES), help=f"comma-separated baselines to score (default all of "
+        f"{list(BASELINES)}; additive_zeroed comes with additive)",
+    )  # fmt: skip
+    parser.add_argument(
         "--resume", action="store_true", help="reuse the finished jobs saved under <out>/jobs/ by an earlier run "
         "with the same --max-steps, --quick, --model-kwargs and --predict-kwargs (each job is saved as it finishes)",
     )  # fmt: skip
@@ -645,6 +668,11 @@ def main(argv=None) -> None:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     if not seeds or len(set(seeds)) != len(seeds):
         parser.error(f"--seeds must name distinct seeds, got {args.seeds!r}")
+    for option, known in (("variants", VARIANTS), ("baselines", BASELINES)):
+        chosen = [v.strip() for v in getattr(args, option).split(",") if v.strip()]
+        if unknown := [v for v in chosen if v not in known]:
+            parser.error(f"unknown --{option} {unknown}; choose from {list(known)}")
+        setattr(args, option, chosen)
     if args.quick and args.max_steps is None:
         args.max_steps = 30
     n_top_genes = 300 if args.quick else 2000
@@ -654,6 +682,7 @@ def main(argv=None) -> None:
     run = {"command": shlex.join([sys.executable, *sys.argv]), "seed": seeds[0], "seeds": seeds}
     run["max_steps"] = args.max_steps
     run.update(model_kwargs=args.model_kwargs, predict_kwargs=args.predict_kwargs)
+    run.update(variants=args.variants, baselines=args.baselines)
     run.update(quick=args.quick, tasks=tasks, n_top_genes_kang=n_top_genes, cpu_count=os.cpu_count(), jobs=args.jobs)
     run["versions"] = {p: version(p) for p in ("perturbdiff-scvi", "scvi-tools", "torch", "anndata", "scanpy")}
     run["versions"]["python"] = platform.python_version()

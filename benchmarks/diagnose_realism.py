@@ -14,7 +14,7 @@ Training variants: ``default``; ``input_scale_auto`` (``PerturbDiff(input_scale=
 MSE only); ``energy_abar`` (``energy_weighting="abar"``); ``edm`` (``preconditioning="edm"``); ``edm_abar`` (both);
 ``edm_energy_0`` (``preconditioning="edm"``, ``energy_weight=0``); ``edm_shrink``, ``edm_shrink_abar``,
 ``edm_shrink_energy_0`` (the same three with ``preconditioning="edm_shrink"``). Sampling variants: DDIM 50 steps
-(default), DDIM 200 steps, DDPM 50 steps, the released truncated DDIM (``start_time=100``), guidance 0 and 1,
+(default), DDIM 200 / 5 / 2 / 1 steps, DDPM 50 steps, the released truncated DDIM (``start_time=100``), guidance 0 and 1,
 ``x0_bound="auto"`` (the default since it was measured here) and ``x0_bound=None`` (released, uncapped),
 ``init="control"`` from ``start_time=300``, ``counts=True`` (with guidance 0.5 and 0).
 Scored with ``tl.evaluate`` (PCA of the training cells) against the real held-out cells,
@@ -50,6 +50,9 @@ SAMPLING = {
     "ddim50": {},
     "ddim200": {"n_steps": 200},
     "ddpm50": {"sampler": "ddpm"},
+    "ddim1": {"n_steps": 1},  # one jump from pure noise to the clean estimate
+    "ddim2": {"n_steps": 2},
+    "ddim5": {"n_steps": 5},
     "ddim_truncated": {"sampler": "ddim_truncated", "start_time": 100},
     "guidance0": {"guidance_scale": 0.0},
     "guidance1": {"guidance_scale": 1.0},

@@ -24,7 +24,8 @@ def test_quick_benchmark_writes_tables_figures_and_targets(tmp_path):
     results = pd.read_csv(out / "results.csv")
     kang = results[results["task"] == "kang"]
     assert set(kang["held_out"]) == {"CD4T", "B"}
-    for method in ("PerturbDiff", "PerturbDiff_zeroed", "PerturbDiff_guidance1", "additive", "cell_mean", "ceiling"):
+    methods = ("PerturbDiff", "PerturbDiff_zeroed", "PerturbDiff_guidance1", "PerturbDiff_steps2", "additive")
+    for method in (*methods, "cell_mean", "ceiling"):
         values = kang.loc[(kang["method"] == method) & (kang["metric"] == "pearson_delta"), "value"]
         assert len(values) == 2 and values.notna().all(), method
     assert set(results.loc[results["task"] == "norman", "held_out"]) == {
@@ -73,6 +74,17 @@ def test_stress_task_data(accuracy):
     for pert, real in reals.items():
         assert set(real.obs["cell_type"]) == {line} and set(real.obs["perturbation"]) == {pert}
         assert (train.obs["perturbation"] == pert).any()  # seen in the other lines
+
+
+@pytest.mark.skipif(not SCRIPT.exists(), reason="benchmarks/ is not shipped in the sdist")
+def test_variants_and_baselines_are_checked(accuracy, tmp_path):
+    """--variants / --baselines pick by name; an unknown name is a usage error naming the choices."""
+    for option in ("--variants", "--baselines"):
+        with pytest.raises(SystemExit) as exc:
+            accuracy.main(["--out", str(tmp_path), option, "bogus"])
+        assert exc.value.code == 2
+    assert set(accuracy.VARIANTS) <= set(accuracy.MODEL_METHODS)
+    assert accuracy.VARIANTS["PerturbDiff_steps2"] == {"n_steps": 2}
 
 
 @pytest.mark.skipif(not SCRIPT.exists(), reason="benchmarks/ is not shipped in the sdist")

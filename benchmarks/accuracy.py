@@ -70,13 +70,15 @@ VARIANTS = {
     "PerturbDiff_guidance1": {"guidance_scale": 1.0},  # the released guidance weight
     "PerturbDiff_corrected": {"bias_correction": True},  # also scored zeroed, as PerturbDiff_corrected_zeroed
     "PerturbDiff_unbounded": {"x0_bound": None},  # the released uncapped sampler
-    "PerturbDiff_steps1": {"n_steps": 1},  # DDIM with 1 / 2 / 5 steps instead of 50
+    "PerturbDiff_steps50": {"n_steps": 50},  # the default before 0.1.0 (now n_steps=1)
+    "PerturbDiff_steps1": {"n_steps": 1},  # DDIM with 1 / 2 / 5 steps
     "PerturbDiff_steps2": {"n_steps": 2},
     "PerturbDiff_steps5": {"n_steps": 5},
+    "PerturbDiff_steps1_guidance0": {"n_steps": 1, "guidance_scale": 0.0},
 }
 MODEL_METHODS = ["PerturbDiff", "PerturbDiff_zeroed", "PerturbDiff_guidance1", "PerturbDiff_corrected"]
 MODEL_METHODS += ["PerturbDiff_corrected_zeroed", "PerturbDiff_unbounded"]
-MODEL_METHODS += ["PerturbDiff_steps1", "PerturbDiff_steps2", "PerturbDiff_steps5"]
+MODEL_METHODS += [name for name in VARIANTS if name.startswith("PerturbDiff_steps")]
 METHODS = [*MODEL_METHODS, "control", "cell_mean", "additive", "additive_zeroed", "pooled"]
 METHODS += ["linear", "same_type_other_donor", "ceiling"]
 SUMMARY_METRICS = ["pearson_delta", "r2_top100_de", "e_distance", "overlap_at_N", "discrimination_score_l1", "mae"]
@@ -533,12 +535,16 @@ Command: `{run["command"]}`
 
 Seeds {run["seeds"]}, max_steps {run["max_steps"] or "package default"}, {run["cpu_count"]} CPUs, total \
 {run["seconds"]["total"]} s. Values are means over held-out conditions (n_held_out: conditions with a value).
-PerturbDiff: package defaults (guidance_scale 0.5). PerturbDiff_guidance1: the same model sampled with the released
-guidance_scale=1. PerturbDiff_corrected: the same model with `predict_population(bias_correction=True)`
-(an option, not the released method: subtracts the per-gene mean error of regenerated controls).
+PerturbDiff: package defaults (guidance_scale 0.5, 1 DDIM step). PerturbDiff_guidance1: the same model sampled
+with the released guidance_scale=1. PerturbDiff_corrected: the same model with
+`predict_population(bias_correction=True)` (an option, not the released method: subtracts the per-gene mean error
+of regenerated controls).
 PerturbDiff (default `x0_bound="auto"`): each step's clean estimate capped at 1.5x the gene's training maximum;
 PerturbDiff_unbounded: the same model with the released uncapped sampler (`predict_population(x0_bound=None)`).
-PerturbDiff_steps1 / _steps2 / _steps5: the same model sampled with DDIM over 1 / 2 / 5 steps instead of 50.
+PerturbDiff_steps50: the same model with 50 DDIM steps (the earlier default; the default is now 1 step).
+PerturbDiff_steps1 / _steps2 / _steps5: DDIM over 1 / 2 / 5 steps (results made before the change of default: there
+PerturbDiff is 50 steps);
+PerturbDiff_steps1_guidance0: one step without guidance.
 *_zeroed / additive_zeroed: values below the 1 % quantile of the non-zero training values set to 0, as
 `predict_population(zero_threshold="auto")` does (thresholds in run.json). PDS (discrimination_score_l1) ranks
 each predicted shift among the real shifts of the task's held-out conditions. The ceiling scores half of the real

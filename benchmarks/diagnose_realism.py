@@ -13,9 +13,10 @@ Training variants: ``default``; ``input_scale_auto`` (``PerturbDiff(input_scale=
 (``p_self_cond=0``); ``set_size_32``; ``steps_x2`` (twice the training steps); ``energy_0`` (``energy_weight=0``,
 MSE only); ``energy_abar`` (``energy_weighting="abar"``); ``edm`` (``preconditioning="edm"``); ``edm_abar`` (both);
 ``edm_energy_0`` (``preconditioning="edm"``, ``energy_weight=0``); ``edm_shrink``, ``edm_shrink_abar``,
-``edm_shrink_energy_0`` (the same three with ``preconditioning="edm_shrink"``). Sampling variants: DDIM 50 steps
-(default), DDIM 200 / 5 / 2 / 1 steps, DDPM 50 steps, the released truncated DDIM (``start_time=100``), guidance 0 and 1,
-``x0_bound="auto"`` (the default since it was measured here) and ``x0_bound=None`` (released, uncapped),
+``edm_shrink_energy_0`` (the same three with ``preconditioning="edm_shrink"``). Sampling variants (50 DDIM
+steps, the default until 0.1.0 when these tables were made, unless the variant says otherwise): DDIM 50 / 200 / 5
+/ 2 / 1 steps (1 is the default now), DDPM 50 steps, the released truncated DDIM (``start_time=100``), guidance 0
+and 1, ``x0_bound="auto"`` (the default since it was measured here) and ``x0_bound=None`` (released, uncapped),
 ``init="control"`` from ``start_time=300``, ``counts=True`` (with guidance 0.5 and 0).
 Scored with ``tl.evaluate`` (PCA of the training cells) against the real held-out cells,
 beside the additive baseline, the control cells and the half-vs-half ceiling. The trajectory table records, for the
@@ -47,20 +48,20 @@ from perturbdiff_scvi.diffusion import RangeMonitor
 METRICS = ["pearson_delta", "e_distance", "c2st_auroc", "knn_mixing", "spread_ratio_mean_abs_log"]
 METRICS += ["detected_genes_ratio", "max_over_training", "out_of_range_fraction"]
 SAMPLING = {
-    "ddim50": {},
+    "ddim50": {"n_steps": 50},
     "ddim200": {"n_steps": 200},
-    "ddpm50": {"sampler": "ddpm"},
+    "ddpm50": {"sampler": "ddpm", "n_steps": 50},
     "ddim1": {"n_steps": 1},  # one jump from pure noise to the clean estimate
     "ddim2": {"n_steps": 2},
     "ddim5": {"n_steps": 5},
     "ddim_truncated": {"sampler": "ddim_truncated", "start_time": 100},
-    "guidance0": {"guidance_scale": 0.0},
-    "guidance1": {"guidance_scale": 1.0},
-    "x0_bound_auto": {"x0_bound": "auto"},
-    "x0_bound_none": {"x0_bound": None},  # the released, uncapped sampler (x0_bound="auto" is the default)
-    "init_control_t300": {"init": "control", "start_time": 300},
-    "counts": {"counts": True},
-    "counts_guidance0": {"counts": True, "guidance_scale": 0.0},
+    "guidance0": {"n_steps": 50, "guidance_scale": 0.0},
+    "guidance1": {"n_steps": 50, "guidance_scale": 1.0},
+    "x0_bound_auto": {"n_steps": 50, "x0_bound": "auto"},
+    "x0_bound_none": {"n_steps": 50, "x0_bound": None},  # the released, uncapped sampler
+    "init_control_t300": {"n_steps": 50, "init": "control", "start_time": 300},
+    "counts": {"n_steps": 50, "counts": True},
+    "counts_guidance0": {"n_steps": 50, "counts": True, "guidance_scale": 0.0},
 }
 TRAINING = {
     "default": {},

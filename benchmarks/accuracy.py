@@ -605,8 +605,11 @@ def figures(out: Path, results: pd.DataFrame, scatter: dict) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
     for ax, metric in zip(axes.ravel(), SUMMARY_METRICS, strict=True):
         sub = results[results["metric"] == metric].groupby(["method", "task"])["value"].mean().unstack("task")
-        ordered(sub.reindex(columns=tasks)).plot.bar(ax=ax, legend=metric == SUMMARY_METRICS[0], width=0.8)
         ax.set_title(metric)
+        if sub.empty:  # e.g. PDS of a run with one held-out condition per task: nothing to rank against
+            ax.text(0.5, 0.5, "no values in this run", ha="center", va="center", transform=ax.transAxes)
+            continue
+        ordered(sub.reindex(columns=tasks)).plot.bar(ax=ax, legend=metric == SUMMARY_METRICS[0], width=0.8)
         ax.set_xlabel("")
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle("Mean over held-out conditions, per method")

@@ -104,6 +104,16 @@ def test_seed_spread_and_stress_check(accuracy):
     assert "1.70 (target <= 1.5: NOT REACHED)" in check
 
 
+@pytest.mark.skipif(not SCRIPT.exists(), reason="benchmarks/ is not shipped in the sdist")
+def test_figures_with_a_metric_missing(accuracy, tmp_path):
+    """One held-out condition per task has no PDS: the bar figure leaves that panel empty instead of failing."""
+    rows = [(0, "kang", "CD4T", m, metric, 0.5) for m in ("PerturbDiff", "additive") for metric in
+            accuracy.SUMMARY_METRICS if metric != "discrimination_score_l1"]  # fmt: skip
+    results = pd.DataFrame(rows, columns=["seed", "task", "held_out", "method", "metric", "value"])
+    accuracy.figures(tmp_path, results, {})
+    assert (tmp_path / "metric_bars.png").stat().st_size > 0
+
+
 POOL = SCRIPT.parent / "pool_results.py"
 
 

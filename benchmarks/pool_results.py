@@ -75,9 +75,9 @@ def pool(specs: list[str], tasks: list[str] | None) -> pd.DataFrame:
 
 def complete_methods(results: pd.DataFrame, task: str) -> list[str]:
     """Methods scored on every (seed, condition) of the task: only these are compared."""
-    sub = results[results["task"] == task]
-    cells = sub.groupby("method")[["seed", "held_out"]].apply(lambda f: len(f.drop_duplicates()))
-    return list(cells.index[cells == cells.max()])
+    sub = results.loc[results["task"] == task, ["method", "seed", "held_out"]].drop_duplicates()
+    cells = sub.groupby("method").size()
+    return list(cells.index[cells == len(sub[["seed", "held_out"]].drop_duplicates())])
 
 
 def summary(results: pd.DataFrame, specs: list[str], argv: list[str]) -> str:

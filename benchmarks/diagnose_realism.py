@@ -13,11 +13,15 @@ Training variants: ``default``; ``input_scale_auto`` (``PerturbDiff(input_scale=
 (``p_self_cond=0``); ``set_size_32``; ``steps_x2`` (twice the training steps); ``energy_0`` (``energy_weight=0``,
 MSE only); ``energy_abar`` (``energy_weighting="abar"``); ``edm`` (``preconditioning="edm"``); ``edm_abar`` (both);
 ``edm_energy_0`` (``preconditioning="edm"``, ``energy_weight=0``); ``edm_shrink``, ``edm_shrink_abar``,
-``edm_shrink_energy_0`` (the same three with ``preconditioning="edm_shrink"``). Sampling variants (50 DDIM
+``edm_shrink_energy_0`` (the same three with ``preconditioning="edm_shrink"``); ``energy_pcs_50``
+(``energy_pcs=50``: the energy term on the top 50 principal axes of the training cells), ``pairing_ot``
+(``pairing="ot"``), ``high_noise_0.5`` (``p_high_noise=0.5``). Sampling variants (50 DDIM
 steps, the default until 0.1.0 when these tables were made, unless the variant says otherwise): DDIM 50 / 200 / 5
 / 2 / 1 steps (1 is the default now), DDPM 50 steps, the released truncated DDIM (``start_time=100``), guidance 0
 and 1, ``x0_bound="auto"`` (the default since it was measured here) and ``x0_bound=None`` (released, uncapped),
-``init="control"`` from ``start_time=300``, ``counts=True`` (with guidance 0.5 and 0).
+``init="control"`` from ``start_time=300``, ``counts=True`` (with guidance 0.5 and 0); and at the package
+defaults (one step): ``one_step``, ``one_step_guidance0``, ``transport`` and ``transport_guidance0``
+(``transport="quantile"``).
 Scored with ``tl.evaluate`` (PCA of the training cells) against the real held-out cells,
 beside the additive baseline, the control cells and the half-vs-half ceiling. The trajectory table records, for the
 default sampler on each default model, the maximum of ``x_t`` and of the x0 estimate at each step and their share
@@ -62,6 +66,10 @@ SAMPLING = {
     "init_control_t300": {"n_steps": 50, "init": "control", "start_time": 300},
     "counts": {"n_steps": 50, "counts": True},
     "counts_guidance0": {"n_steps": 50, "counts": True, "guidance_scale": 0.0},
+    "one_step": {},  # the package defaults (one DDIM step, guidance 0.5)
+    "one_step_guidance0": {"guidance_scale": 0.0},
+    "transport": {"transport": "quantile"},
+    "transport_guidance0": {"transport": "quantile", "guidance_scale": 0.0},
 }
 TRAINING = {
     "default": {},
@@ -77,6 +85,9 @@ TRAINING = {
     "edm_shrink": {"preconditioning": "edm_shrink"},
     "edm_shrink_abar": {"preconditioning": "edm_shrink", "energy_weighting": "abar"},
     "edm_shrink_energy_0": {"preconditioning": "edm_shrink", "energy_weight": 0.0},
+    "energy_pcs_50": {"energy_pcs": 50},
+    "pairing_ot": {"pairing": "ot"},
+    "high_noise_0.5": {"p_high_noise": 0.5},
 }
 HELD_OUT_TYPE = "CD4T"
 

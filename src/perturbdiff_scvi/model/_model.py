@@ -92,6 +92,12 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
         released method): it is weighted by ``abar_t`` of each set's timestep (1 at low noise, 0 at pure noise).
         At high noise the best ``x0`` estimate is a conditional mean; an energy term there trains the estimate
         to be a diverse sample instead, which the DDIM update then adds on top of the state's own spread.
+    energy_pcs
+        ``0`` (released): the energy term compares the predicted and true sets over all genes. ``k > 0`` (not in
+        the released method): over their coordinates on the top ``k`` principal axes of the registered training
+        cells (fitted once here on up to 10,000 cells and stored with the model). Over thousands of genes the
+        distances between cells are dominated by gene-level noise; on the principal axes the term weighs the
+        shape of the population along the axes that separate cell states (see ``benchmarks/README.md``).
     preconditioning
         ``"none"`` (released): the denoiser's output is the clean estimate ``x0``. ``"edm"`` (not in the released
         method; Karras et al. 2022 in variance-preserving form): ``x0 = relu(c_skip(t) x_t / sqrt(abar_t) +
@@ -103,6 +109,14 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
         With ``preconditioning="edm"`` or ``"edm_shrink"``: the standard deviation of the data in diffusion
         units; ``"auto"`` = the standard deviation of all registered training values divided by ``input_scale``
         (stored resolved). Not used otherwise.
+    pairing
+        Which target cell each control cell's token is compared with in the per-cell MSE. ``"random"``
+        (released): as drawn (perturbed and control cells are unpaired). ``"ot"`` (not in the released method):
+        the target cells of each set are first reordered by the optimal one-to-one assignment to its control
+        cells (mini-batch optimal transport, squared Euclidean cost).
+    p_high_noise
+        Share of training sets whose timestep is drawn from the top tenth of the schedule instead of uniformly
+        (0 as released), where the default one-step sampler evaluates the denoiser.
     p_drop_cond
         Probability of training a set with the null covariate embedding (classifier-free guidance). The
         released runs use 0.5; 0.2 trains the conditional model on more sets, which short runs need (see the
@@ -148,8 +162,11 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
         energy_weight: float = 1.0,
         mse_weight: float = 1.0,
         energy_weighting: Literal["constant", "abar"] = "constant",
+        energy_pcs: int = 0,
         preconditioning: Literal["none", "edm", "edm_shrink"] = "none",
         sigma_data: float | Literal["auto"] = "auto",
+        pairing: Literal["random", "ot"] = "random",
+        p_high_noise: float = 0.0,
         p_drop_cond: float = 0.2,
         p_self_cond: float = 0.5,
         ema_decay: float = 0.99,
@@ -172,8 +189,9 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
             set_size=set_size, n_hidden=n_hidden, depth=depth, n_heads=n_heads, mlp_ratio=mlp_ratio, n_cov=n_cov,
             n_cov_hidden=n_cov_hidden, n_timesteps=n_timesteps, beta_schedule=beta_schedule, input_scale=input_scale,
             energy_weight=energy_weight, mse_weight=mse_weight, energy_weighting=energy_weighting,
-            preconditioning=preconditioning, sigma_data=sigma_data, p_drop_cond=p_drop_cond, p_self_cond=p_self_cond,
-            ema_decay=ema_decay, ema_every=ema_every,
+            energy_pcs=energy_pcs, preconditioning=preconditioning, sigma_data=sigma_data, pairing=pairing,
+            p_high_noise=p_high_noise, p_drop_cond=p_drop_cond, p_self_cond=p_self_cond, ema_decay=ema_decay,
+            ema_every=ema_every,
         )  # fmt: skip
         ss = self.summary_stats
         vocab = self._vocabulary
@@ -188,6 +206,9 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
             ),
             **hparams,
         )
+        if self.module.energy_pcs:  # filled here, stored in the state_dict (loading does not refit it)
+            axes = _ranges.principal_axes(self.adata_manager.get_from_registry(PDIFF_KEYS.X_KEY), hparams["energy_pcs"])
+            self.module.energy_basis.copy_(torch.from_numpy(axes))
         n_params = sum(p.numel() for p in self.module.denoiser.parameters())
         self._model_summary_string = (
             f"PerturbDiff: {ss.n_vars} genes, set_size={set_size}, n_hidden={n_hidden}, depth={depth}, "
@@ -653,6 +674,7 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
         init: Literal["noise", "control"] = "noise",
         counts: bool = False,
         counts_layer: str = "counts",
+        transport: Literal["none", "quantile"] = "none",
         progress_bar: bool = True,
     ) -> AnnData:
         """Generate cell populations for (perturbation, context, batch) combinations.
@@ -760,6 +782,15 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
         counts_layer
             With ``counts=True``: the layer of the registered AnnData (its RNA modality for MuData), or of
             ``control_adata`` when given, that holds raw counts (whole numbers) of the control cells.
+        transport
+            Not in the released method. ``"none"`` (default): the generated cells. ``"quantile"``: each
+            population's conditioning control cells, each moved gene by gene onto the generated population's
+            distribution of that gene (the control cell of rank ``r`` for a gene, ties broken at random, takes
+            the ``r``-th smallest generated value: one-dimensional optimal transport per gene). The output keeps
+            the generated per-gene distributions (so means, shifts and DE are unchanged) and takes its joint
+            structure, which genes are high together in a cell, from real control cells. Applied after
+            ``bias_correction`` and ``zero_threshold``, before ``counts``. Measured in ``benchmarks/README.md``
+            ("Control cells moved onto the generated marginals").
         progress_bar
             Show scvi-tools' progress bar over the forward passes (``batch_size`` sets each, across all
             conditions and populations) when there are at least two.
@@ -806,4 +837,5 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
             x0_bound=x0_bound,
             counts=counts,
             counts_layer=counts_layer,
+            transport=transport,
         )

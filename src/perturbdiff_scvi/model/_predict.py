@@ -21,6 +21,7 @@ from ..diffusion._sampling import sampler_choices
 from ._controls import ControlSource
 from ._counts import sample_counts
 from ._ranges import x0_bound_value
+from ._transport import check_transport, quantile_transport
 
 if TYPE_CHECKING:
     from ._model import PerturbDiff
@@ -271,6 +272,29 @@ def subtract_control_bias(
     ]
 
 
+def transported(
+    jobs: list[Job], conditions: list[Condition], cells: list[np.ndarray], source: ControlSource, rng
+) -> list[np.ndarray]:
+    """Per population: its conditioning control cells moved onto its generated cells' per-gene distributions.
+
+    Only the population's first ``n`` cells (those :func:`assemble` keeps) are transported, each as its own
+    control cell (cell ``i`` of a set is generated from control cell ``i``).
+    """
+    by_pop: dict[tuple[int, int], list[int]] = {}
+    for i, job in enumerate(jobs):
+        by_pop.setdefault((job.condition, job.population), []).append(i)
+    out = list(cells)
+    for (ci, _), idx in by_pop.items():
+        cond = conditions[ci]
+        controls = np.concatenate([source.rows(cond.ctx, cond.batch, jobs[i].control_rows) for i in idx])
+        generated = np.concatenate([cells[i] for i in idx])
+        n = cond.n  # the cells assemble keeps: the output has exactly their per-gene distributions
+        generated[:n] = quantile_transport(generated[:n], controls[:n].astype(generated.dtype), rng)
+        for k, i in enumerate(idx):
+            out[i] = generated[k * len(cells[i]) : (k + 1) * len(cells[i])]
+    return out
+
+
 def assemble(
     model: PerturbDiff,
     conditions: list[Condition],
@@ -343,6 +367,7 @@ def predict(
     x0_bound,
     counts: bool = False,
     counts_layer: str = "counts",
+    transport: str = "none",
 ) -> AnnData:
     """What ``PerturbDiff.predict_population`` does, with its arguments checked here (see its docstring)."""
     module = model.module
@@ -377,6 +402,7 @@ def predict(
     )
     if not isinstance(counts, bool | np.bool_):
         raise ValueError(f"counts must be True or False; got {counts!r}.")
+    transport = check_transport(transport)
     source = ControlSource(model, control_adata, codes)
     if counts:
         source.load_counts(counts_layer)  # a missing or non-count layer fails here, before any sampling
@@ -405,6 +431,9 @@ def predict(
         from ..metrics import zero_small_values
 
         cells = [zero_small_values(x, zero_threshold) for x in cells]
+    if transport == "quantile":
+        transport_rng = np.random.default_rng(rng.integers(2**62))
+        cells = transported(jobs, conditions, cells, source, transport_rng)
     layers = None
     if counts:
         count_rng = np.random.default_rng(rng.integers(2**62))  # drawn last: counts=False draws stay the same
@@ -434,5 +463,6 @@ def predict(
         "zero_threshold": "None" if zero_threshold is None else float(zero_threshold),
         "x0_bound": "None" if x0_bound is None else (x0_bound if isinstance(x0_max, np.ndarray) else float(x0_max)),
         "counts": "None" if not counts else str(counts_layer),
+        "transport": transport,
     }
     return assemble(model, conditions, jobs, cells, n_populations, uns, layers)

@@ -34,6 +34,8 @@ def check_hyperparameters(**hp) -> dict:
     """
     for name in ("set_size", "n_hidden", "depth", "n_heads", "n_cov", "n_timesteps", "ema_every"):
         hp[name] = positive_int(hp[name], name)
+    if hp["energy_pcs"] != 0:
+        hp["energy_pcs"] = positive_int(hp["energy_pcs"], "energy_pcs")
     if hp["n_cov_hidden"] is not None:
         hp["n_cov_hidden"] = positive_int(hp["n_cov_hidden"], "n_cov_hidden", allow_none=True)
     if (2 * hp["n_hidden"]) % hp["n_heads"]:
@@ -54,7 +56,9 @@ def check_hyperparameters(**hp) -> dict:
         raise ValueError(
             f"preconditioning must be 'none' (released), 'edm' or 'edm_shrink'; got {hp['preconditioning']!r}."
         )
-    for name in ("p_drop_cond", "p_self_cond", "ema_decay"):
+    if hp["pairing"] not in ("random", "ot"):
+        raise ValueError(f"pairing must be 'random' (released) or 'ot'; got {hp['pairing']!r}.")
+    for name in ("p_drop_cond", "p_self_cond", "p_high_noise", "ema_decay"):
         hp[name] = finite_number(hp[name], name, minimum=0)
         if hp[name] > 1:
             raise ValueError(f"{name} is a probability / decay and must lie in [0, 1]; got {hp[name]!r}.")

@@ -16,7 +16,18 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from .._constants import PDIFF_KEYS
 from ..diffusion import GaussianDiffusion, StepCallback, sample_loop
 from ..nn import SetDiT
-from ._losses import energy_distance, per_set_mse
+from ._losses import _full_precision, energy_distance, per_set_mse
+
+
+@torch.no_grad()
+def ot_paired(x0: torch.Tensor, x_ctrl: torch.Tensor) -> torch.Tensor:
+    """``x0`` ``(B, S, G)`` with the cells of each set reordered so that cell ``i`` is the optimal one-to-one
+    match (squared Euclidean cost) of control cell ``i`` of ``x_ctrl`` ``(B, S, G)``."""
+    from scipy.optimize import linear_sum_assignment
+
+    cost = torch.cdist(x_ctrl.float(), x0.float()).pow(2).cpu().numpy()
+    order = torch.stack([torch.as_tensor(linear_sum_assignment(c)[1]) for c in cost]).to(x0.device)
+    return torch.gather(x0, 1, order[:, :, None].expand_as(x0))
 
 
 class PerturbDiffModule(BaseModuleClass):
@@ -49,6 +60,10 @@ class PerturbDiffModule(BaseModuleClass):
         runs use ``normalize_counts=10``; 1 by default here).
     energy_weight, mse_weight
         Loss = ``mse_weight * MSE + energy_weight * energy``, energy being half the energy distance.
+    energy_pcs
+        ``0`` (released): the energy distance is computed over the genes. ``k > 0``: over the cells projected on
+        the buffer ``energy_basis`` ``(n_genes, k)`` (zeros until filled, e.g. by the model with the top ``k``
+        principal axes of the training cells; it is part of the ``state_dict``).
     energy_weighting
         ``"constant"`` (released): the energy term has the same weight at every timestep. ``"abar"``: it is
         multiplied by ``abar_t`` of each set's timestep, so it acts where ``x0`` is nearly determined by ``x_t``
@@ -64,6 +79,16 @@ class PerturbDiffModule(BaseModuleClass):
         (initially 1): the skip connection then passes a gene only where it stands out of the noise level
         ``sigma``, so that the exact zeros of sparse data stay zero instead of passing the residual noise through
         (the token of a cell is too narrow to cancel the noise of each gene).
+    pairing
+        How the target cells of a training set meet the tokens of its control cells (the per-cell MSE compares
+        token ``i``'s estimate with target cell ``i``). ``"random"`` (released): as drawn, so the MSE optimum of
+        every token is the set's mean. ``"ot"``: the target cells are first reordered by the optimal one-to-one
+        assignment to the control cells (squared Euclidean cost, :func:`scipy.optimize.linear_sum_assignment`
+        per set), so that token ``i``'s target is the perturbed cell closest to its control cell (mini-batch OT
+        pairing, as in OT flow matching).
+    p_high_noise
+        Share of training sets whose timestep is drawn from the top tenth of the schedule (``t >= 0.9 T``)
+        instead of uniformly (0 as released). The one-step sampler evaluates the denoiser only at ``t = T - 1``.
     p_drop_cond
         Probability per set of replacing the covariates by the null embedding (classifier-free guidance).
     p_self_cond
@@ -94,8 +119,11 @@ class PerturbDiffModule(BaseModuleClass):
         energy_weight: float = 1.0,
         mse_weight: float = 1.0,
         energy_weighting: Literal["constant", "abar"] = "constant",
+        energy_pcs: int = 0,
         preconditioning: Literal["none", "edm", "edm_shrink"] = "none",
         sigma_data: float = 1.0,
+        pairing: Literal["random", "ot"] = "random",
+        p_high_noise: float = 0.0,
         p_drop_cond: float = 0.2,
         p_self_cond: float = 0.5,
         ema_decay: float = 0.99,
@@ -108,10 +136,13 @@ class PerturbDiffModule(BaseModuleClass):
         self.energy_weight = energy_weight
         self.mse_weight = mse_weight
         self.energy_weighting = energy_weighting
+        self.energy_pcs = int(energy_pcs)
         self.preconditioning = preconditioning
         self.sigma_data = float(sigma_data)
         self.p_drop_cond = p_drop_cond
         self.p_self_cond = p_self_cond
+        self.pairing = pairing
+        self.p_high_noise = float(p_high_noise)
         self.ema_decay = ema_decay
         self.ema_every = ema_every
         self.denoiser = SetDiT(
@@ -135,6 +166,10 @@ class PerturbDiffModule(BaseModuleClass):
             self.register_buffer("perturbation_components", torch.as_tensor(perturbation_components, dtype=torch.long))
         else:
             self.perturbation_components = None
+        if self.energy_pcs:
+            self.register_buffer("energy_basis", torch.zeros(n_genes, self.energy_pcs))
+        else:
+            self.energy_basis = None
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         self.diffusion = GaussianDiffusion(n_timesteps, beta_schedule)
 
@@ -203,14 +238,20 @@ class PerturbDiffModule(BaseModuleClass):
         drop_cond: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         """Noise each target set at its own timestep and predict it back (with self-conditioning)."""
-        t = torch.randint(0, self.diffusion.n_timesteps, (x0.shape[0],), device=x0.device)  # one t per set
+        if self.pairing == "ot":
+            x0 = ot_paired(x0, x_ctrl)
+        n_t = self.diffusion.n_timesteps
+        t = torch.randint(0, n_t, (x0.shape[0],), device=x0.device)  # one t per set
+        if self.p_high_noise:
+            high = torch.rand(x0.shape[0], device=x0.device) < self.p_high_noise
+            t = torch.where(high, torch.randint(int(0.9 * n_t), n_t, t.shape, device=t.device), t)
         x_t = self.diffusion.q_sample(x0, t, torch.randn_like(x0))
         self_cond = torch.zeros_like(x0)
         if self.training and torch.rand(()) < self.p_self_cond:  # one coin per step, as released
             with torch.no_grad():
                 self_cond = self._x0(self.denoiser, x_t, t, x_ctrl, pert, ctx, batch, None, drop_cond)
         x0_hat = self._x0(self.denoiser, x_t, t, x_ctrl, pert, ctx, batch, self_cond, drop_cond)
-        return {"x0_hat": x0_hat, "t": t}
+        return {"x0_hat": x0_hat, "t": t, "x0": x0}
 
     def loss(
         self,
@@ -219,10 +260,15 @@ class PerturbDiffModule(BaseModuleClass):
         generative_outputs: dict[str, torch.Tensor],
     ) -> LossOutput:
         """Per set: ``mse_weight * MSE + energy_weight * energy_distance / 2`` (geomloss ``energy``)."""
-        x0 = inference_outputs["x0"]
+        x0 = generative_outputs.get("x0", inference_outputs["x0"])  # reordered by the pairing
         x0_hat = generative_outputs["x0_hat"]
         mse = per_set_mse(x0_hat, x0)  # (B,)
-        energy = 0.5 * energy_distance(x0_hat, x0)  # (B,)
+        if self.energy_basis is not None:  # the energy of the cells' coordinates along the basis
+            ctx, (x0_hat_p, x0_p, basis) = _full_precision(x0_hat, x0, self.energy_basis)
+            with ctx:
+                energy = 0.5 * energy_distance(x0_hat_p @ basis, x0_p @ basis)
+        else:
+            energy = 0.5 * energy_distance(x0_hat, x0)  # (B,)
         weight = self.energy_weight
         if self.energy_weighting == "abar":
             weight = weight * self.diffusion.alphas_cumprod[generative_outputs["t"]].to(energy.dtype)

@@ -20,7 +20,8 @@ def test_quickstart_cli_writes_outputs(scvi_module, tmp_path, capsys):
 
     out = tmp_path / "qs"
     torch_state, numpy_state = torch.random.get_rng_state(), np.random.get_state()[1].copy()
-    assert main(["quickstart", "--out", str(out), "--max-steps", "3", "--no-progress", "--accelerator", "cpu"]) == 0
+    args = ["quickstart", "--out", str(out), "--max-steps", "3", "--no-progress", "--accelerator", "cpu"]
+    assert main([*args, "--transport", "quantile", "--guidance-scale", "0"]) == 0
     # The quickstart seeds the calls it makes, not the session: the global RNGs are as they were.
     assert torch.equal(torch.random.get_rng_state(), torch_state)
     assert np.array_equal(np.random.get_state()[1], numpy_state)
@@ -31,6 +32,7 @@ def test_quickstart_cli_writes_outputs(scvi_module, tmp_path, capsys):
     for key in ("pearson_delta_top100_de", "pearson_delta_all_genes"):
         assert -1.0 <= metrics[key] <= 1.0, key
     assert metrics["max_steps"] == 3
+    assert metrics["predict_kwargs"] == {"guidance_scale": 0.0, "transport": "quantile"}
     realism = metrics["realism"]
     assert 0.3 < realism["c2st_auroc_ceiling"] < 0.7 and realism["c2st_auroc_control"] > 0.9  # stimulated vs control
     assert 0.0 <= realism["c2st_auroc"] <= 1.0 and realism["knn_mixing_ceiling"] > 0.8
@@ -39,6 +41,7 @@ def test_quickstart_cli_writes_outputs(scvi_module, tmp_path, capsys):
     pred = ad.read_h5ad(out / "predicted_cd4t_stimulated.h5ad")
     assert pred.n_obs == metrics["n_cells"]["real_stimulated_cd4t"]
     assert set(pred.obs["cell_type"]) == {"CD4T"} and set(pred.obs["condition"]) == {"stimulated"}
+    assert pred.uns["perturbdiff"]["transport"] == "quantile" and pred.uns["perturbdiff"]["guidance_scale"] == 0.0
     printed = capsys.readouterr().out
     assert f"prediction {e_pred:.3f} vs control cells {e_ctrl:.3f}" in printed  # the summary shows what was written
 

@@ -1,4 +1,5 @@
-"""Command line: ``python -m perturbdiff_scvi quickstart [--out DIR] [--max-steps N] [--seed S]``."""
+"""Command line: ``python -m perturbdiff_scvi quickstart [--out DIR] [--max-steps N] [--seed S] [--guidance-scale W]
+[--transport {none,quantile}]``."""
 
 from __future__ import annotations
 
@@ -19,12 +20,28 @@ def main(argv: list[str] | None = None) -> int:
     qs.add_argument("--seed", type=int, default=0)
     qs.add_argument("--accelerator", default="auto", help="'auto', 'cpu' or 'gpu'")
     qs.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    qs.add_argument(
+        "--guidance-scale", type=float, default=None, help="predict_population(guidance_scale=) (default: 0.5)"
+    )
+    qs.add_argument(
+        "--transport",
+        choices=["none", "quantile"],
+        default=None,
+        help="predict_population(transport=): 'quantile' returns the control cells moved gene by gene onto the "
+        "generated distributions (default: none)",
+    )
     args = parser.parse_args(argv)
 
     from ._quickstart import run_quickstart, summarise
 
+    options = {"guidance_scale": args.guidance_scale, "transport": args.transport}
     metrics = run_quickstart(
-        args.out, max_steps=args.max_steps, seed=args.seed, accelerator=args.accelerator, progress=not args.no_progress
+        args.out,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        accelerator=args.accelerator,
+        progress=not args.no_progress,
+        predict_kwargs={k: v for k, v in options.items() if v is not None},
     )
     print(summarise(metrics))
     print(f"Wrote {args.out}/umap_real_vs_predicted.png, predicted_cd4t_stimulated.h5ad, metrics.json")

@@ -26,6 +26,7 @@ def run_quickstart(
     progress: bool = True,
     accelerator: str = "auto",
     model_kwargs: dict | None = None,
+    predict_kwargs: dict | None = None,
 ) -> dict:
     """Train PerturbDiff on bundled Kang 2018 PBMC with stimulated CD4T held out and evaluate the prediction.
 
@@ -33,7 +34,8 @@ def run_quickstart(
     (:func:`~perturbdiff_scvi.pl.delta_scatter`), ``loss_curve.png``, ``predicted_cd4t_stimulated.h5ad`` and
     ``metrics.json`` into
     ``out_dir`` and returns the metrics. Genes: the ``n_top_genes`` highly variable genes of the training
-    cells (the paper models 2,000 HVGs).
+    cells (the paper models 2,000 HVGs). ``model_kwargs`` / ``predict_kwargs`` go to ``PerturbDiff(...)`` /
+    ``predict_population(...)`` (package defaults when ``None``) and are recorded in the metrics.
 
     Examples
     --------
@@ -90,7 +92,9 @@ def run_quickstart(
         )
         t_train = time.time() - t_train
     t_pred = time.time()
-    pred = model.predict_population(PERTURBATION, contexts=HELD_OUT_CONTEXT, n_cells=real.n_obs, seed=seed)
+    pred = model.predict_population(
+        PERTURBATION, contexts=HELD_OUT_CONTEXT, n_cells=real.n_obs, seed=seed, **(predict_kwargs or {})
+    )
     t_pred = time.time() - t_pred
 
     de = top_de_genes(real.X, control.X, n=100)
@@ -109,6 +113,8 @@ def run_quickstart(
         "pearson_delta_all_genes": pearson_delta(pred.X, real.X, control.X),
         "max_steps": int(model.trainer.global_step),
         "seed": seed,
+        "model_kwargs": dict(model_kwargs or {}),
+        "predict_kwargs": dict(predict_kwargs or {}),
         "seconds": {"train": round(t_train, 1), "predict": round(t_pred, 1)},
         "versions": {p: version(p) for p in ("perturbdiff-scvi", "scvi-tools", "torch", "anndata", "scanpy")},
         "python": platform.python_version(),

@@ -272,6 +272,14 @@ def subtract_control_bias(
     ]
 
 
+def jobs_by_population(jobs: list[Job]) -> dict[tuple[int, int], list[int]]:
+    """The positions in ``jobs`` of each (condition, population), in job order."""
+    by_pop: dict[tuple[int, int], list[int]] = {}
+    for i, job in enumerate(jobs):
+        by_pop.setdefault((job.condition, job.population), []).append(i)
+    return by_pop
+
+
 def transported(
     jobs: list[Job], conditions: list[Condition], cells: list[np.ndarray], source: ControlSource, rng
 ) -> list[np.ndarray]:
@@ -280,9 +288,7 @@ def transported(
     Only the population's first ``n`` cells (those :func:`assemble` keeps) are transported, each as its own
     control cell (cell ``i`` of a set is generated from control cell ``i``).
     """
-    by_pop: dict[tuple[int, int], list[int]] = {}
-    for i, job in enumerate(jobs):
-        by_pop.setdefault((job.condition, job.population), []).append(i)
+    by_pop = jobs_by_population(jobs)
     out = list(cells)
     for (ci, _), idx in by_pop.items():
         cond = conditions[ci]
@@ -309,9 +315,7 @@ def assemble(
     ``layers`` maps a layer name to per-job arrays laid out like ``cells`` (e.g. sampled counts).
     """
     layers = layers or {}
-    by_pop: dict[tuple[int, int], list[int]] = {}
-    for i, job in enumerate(jobs):
-        by_pop.setdefault((job.condition, job.population), []).append(i)
+    by_pop = jobs_by_population(jobs)
     blocks, meta = [], {"pert": [], "ctx": [], "batch": [], "population": []}
     layer_blocks = {name: [] for name in layers}
     for ci, cond in enumerate(conditions):

@@ -142,3 +142,35 @@ def test_pairing_ot_trains(setup_adata):
     model.train(**TINY_TRAIN)
     assert model.module.pairing == "ot"
     assert np.isfinite(model.history["train_loss"].to_numpy(dtype=float)).all()
+
+
+def test_transport_draws_distinct_control_cells_even_from_repeated_conditioning_rows():
+    # Every conditioning row is control cell 0 (the worst case of drawing with replacement): the transported
+    # population must still be built from n distinct control cells, with the generated per-gene values.
+    from perturbdiff_scvi.model._predict import Condition, Job, distinct_draw, transported
+
+    class Source:  # the two ControlSource methods transported uses
+        matrix = np.random.default_rng(0).normal(size=(10, 6))
+
+        def pool(self, c, b):
+            return np.arange(10)
+
+        def rows(self, c, b, idx):
+            return self.matrix[idx]
+
+    n, set_size = 7, 4
+    jobs = [Job(0, 0, np.zeros(set_size, dtype=int)) for _ in range(2)]
+    cells = [np.random.default_rng(k).normal(size=(set_size, 6)) for k in range(2)]
+    out, rows = transported(jobs, [Condition("A", 0, 0, 0, 0, n)], cells, Source(), np.random.default_rng(1))
+    used = np.concatenate(rows)[:n]
+    assert len(set(used.tolist())) == n
+    moved = np.concatenate(out)[:n]
+    np.testing.assert_allclose(np.sort(moved, axis=0), np.sort(np.concatenate(cells)[:n], axis=0))
+    # each output cell has, gene by gene, the rank of the control cell it is said to come from
+    ranks = lambda x: np.argsort(np.argsort(x, axis=0), axis=0)  # noqa: E731
+    np.testing.assert_array_equal(ranks(moved), ranks(Source.matrix[used]))
+    # the cells beyond n (cut by assemble) keep their generated values
+    np.testing.assert_array_equal(np.concatenate(out)[n:], np.concatenate(cells)[n:])
+    # once the pool is used up, every control cell is used as evenly as possible
+    counts = np.bincount(distinct_draw(25, 10, np.random.default_rng(0)), minlength=10)
+    assert counts.min() == 2 and counts.max() == 3

@@ -282,23 +282,46 @@ def jobs_by_population(jobs: list[Job]) -> dict[tuple[int, int], list[int]]:
 
 def transported(
     jobs: list[Job], conditions: list[Condition], cells: list[np.ndarray], source: ControlSource, rng
-) -> list[np.ndarray]:
-    """Per population: its conditioning control cells moved onto its generated cells' per-gene distributions.
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per population: distinct control cells of its pool moved onto its generated cells' per-gene distributions.
 
-    Only the population's first ``n`` cells (those :func:`assemble` keeps) are transported, each as its own
-    control cell (cell ``i`` of a set is generated from control cell ``i``).
+    Only the population's first ``n`` cells (those :func:`assemble` keeps) are transported. The transport uses
+    only the generated cells' per-gene distributions, not which control cell conditioned which generated cell,
+    so the ``n`` control cells are drawn afresh from the pool *without* replacement (:func:`distinct_draw`): the
+    conditioning sets are drawn with replacement, as in training, and a control cell that appears twice would
+    give two near-identical output cells. Returns the cells and, per job, the pool positions of the control
+    cell each output cell now comes from (for the library sizes of ``counts=True``).
     """
     by_pop = jobs_by_population(jobs)
     out = list(cells)
+    rows = [job.control_rows.copy() for job in jobs]
     for (ci, _), idx in by_pop.items():
         cond = conditions[ci]
-        controls = np.concatenate([source.rows(cond.ctx, cond.batch, jobs[i].control_rows) for i in idx])
+        picks = distinct_draw(cond.n, len(source.pool(cond.ctx, cond.batch)), rng)
         generated = np.concatenate([cells[i] for i in idx])
+        pop_rows = np.concatenate([rows[i] for i in idx])
         n = cond.n  # the cells assemble keeps: the output has exactly their per-gene distributions
-        generated[:n] = quantile_transport(generated[:n], controls[:n].astype(generated.dtype), rng)
+        controls = source.rows(cond.ctx, cond.batch, picks).astype(generated.dtype)
+        generated[:n] = quantile_transport(generated[:n], controls, rng)
+        pop_rows[:n] = picks
         for k, i in enumerate(idx):
-            out[i] = generated[k * len(cells[i]) : (k + 1) * len(cells[i])]
-    return out
+            block = slice(k * len(cells[i]), (k + 1) * len(cells[i]))
+            out[i], rows[i] = generated[block], pop_rows[block]
+    return out, rows
+
+
+def distinct_draw(n: int, pool_size: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` positions in a pool of ``pool_size``: a random permutation, repeated only once the pool is used up.
+
+    Each position appears ``floor(n / pool_size)`` or ``ceil(n / pool_size)`` times.
+
+    Examples
+    --------
+    >>> sorted(distinct_draw(3, 3, np.random.default_rng(0)).tolist())
+    [0, 1, 2]
+    """
+    laps = [rng.permutation(pool_size) for _ in range(-(-n // pool_size))]
+    return np.concatenate(laps)[:n]
 
 
 def assemble(
@@ -437,7 +460,9 @@ def predict(
         cells = [zero_small_values(x, zero_threshold) for x in cells]
     if transport == "quantile":
         transport_rng = np.random.default_rng(rng.integers(2**62))
-        cells = transported(jobs, conditions, cells, source, transport_rng)
+        cells, control_rows = transported(jobs, conditions, cells, source, transport_rng)
+    else:
+        control_rows = [job.control_rows for job in jobs]
     layers = None
     if counts:
         count_rng = np.random.default_rng(rng.integers(2**62))  # drawn last: counts=False draws stay the same
@@ -445,9 +470,9 @@ def predict(
         pairs = [
             sample_counts(
                 x, source.library_sizes(conditions[job.condition].ctx, conditions[job.condition].batch,
-                                        job.control_rows), count_rng, upper
+                                        rows), count_rng, upper
             )
-            for job, x in zip(jobs, cells, strict=True)
+            for job, rows, x in zip(jobs, control_rows, cells, strict=True)
         ]  # fmt: skip
         layers = {"counts": [p[0] for p in pairs]}
         cells = [p[1] for p in pairs]

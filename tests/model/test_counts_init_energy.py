@@ -222,3 +222,17 @@ def test_progress_bar_flag(trained_model, monkeypatch):
     assert seen == [True, False]
     with pytest.raises(ValueError, match="progress_bar must be True or False"):
         trained_model.predict_population("A", contexts="c0", n_cells=8, progress_bar="no")
+
+
+def test_transport_counts_take_the_library_of_distinct_control_cells(counts_model):
+    # transport="quantile" builds the population from distinct control cells; counts=True then gives each output
+    # cell the library size of the control cell it comes from, so the libraries are those of distinct pool cells.
+    model = counts_model
+    obs = model.adata.obs
+    pool = ((obs["pert"] == "ctrl") & (obs["ctx"] == "c0") & (obs["batch"] == "b0")).to_numpy()
+    n = int(pool.sum())
+    pred = model.predict_population(
+        "A", contexts="c0", batches="b0", n_cells=n, seed=0, counts=True, transport="quantile"
+    )
+    pool_libs = np.sort(np.asarray(model.adata.layers["counts"][pool].sum(1)).ravel())
+    np.testing.assert_array_equal(np.sort(pred.layers["counts"].sum(1)), pool_libs)

@@ -783,14 +783,16 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
             With ``counts=True``: the layer of the registered AnnData (its RNA modality for MuData), or of
             ``control_adata`` when given, that holds raw counts (whole numbers) of the control cells.
         transport
-            Not in the released method. ``"none"`` (default): the generated cells. ``"quantile"``: each
-            population's conditioning control cells, each moved gene by gene onto the generated population's
-            distribution of that gene (the control cell of rank ``r`` for a gene, ties broken at random, takes
-            the ``r``-th smallest generated value: one-dimensional optimal transport per gene). The output keeps
-            the generated per-gene distributions (so means, shifts and DE are unchanged) and takes its joint
-            structure, which genes are high together in a cell, from real control cells. Applied after
+            Not in the released method. ``"none"`` (default): the generated cells. ``"quantile"``: for each
+            population, ``n`` distinct control cells of its (context, batch) (drawn without replacement; repeated
+            only when the pool has fewer than ``n`` cells), each moved gene by gene onto the generated
+            population's distribution of that gene (the control cell of rank ``r`` for a gene, ties broken at
+            random, takes the ``r``-th smallest generated value: one-dimensional optimal transport per gene). The
+            output keeps the generated per-gene distributions (so means, shifts and DE are unchanged) and takes
+            its joint structure, which genes are high together in a cell, from real control cells; with
+            ``counts=True`` each cell takes the library size of the control cell it comes from. Applied after
             ``bias_correction`` and ``zero_threshold``, before ``counts``. Measured in ``benchmarks/README.md``
-            ("Control cells moved onto the generated marginals").
+            ("Texture").
         progress_bar
             Show scvi-tools' progress bar over the forward passes (``batch_size`` sets each, across all
             conditions and populations) when there are at least two.

@@ -167,7 +167,7 @@ def test_transport_draws_distinct_control_cells_even_from_repeated_conditioning_
     moved = np.concatenate(out)[:n]
     np.testing.assert_allclose(np.sort(moved, axis=0), np.sort(np.concatenate(cells)[:n], axis=0))
     # each output cell has, gene by gene, the rank of the control cell it is said to come from
-    ranks = lambda x: np.argsort(np.argsort(x, axis=0), axis=0)  # noqa: E731
+    ranks = lambda x: np.argsort(np.argsort(x, axis=0), axis=0)
     np.testing.assert_array_equal(ranks(moved), ranks(Source.matrix[used]))
     # the cells beyond n (cut by assemble) keep their generated values
     np.testing.assert_array_equal(np.concatenate(out)[n:], np.concatenate(cells)[n:])

@@ -547,8 +547,9 @@ PerturbDiff_steps50: the same model with 50 DDIM steps (the earlier default; the
 PerturbDiff_steps1 / _steps2 / _steps5: DDIM over 1 / 2 / 5 steps (results made before the change of default: there
 PerturbDiff is 50 steps);
 PerturbDiff_steps1_guidance0: one step without guidance.
-PerturbDiff_transport / _guidance0_transport: the same samples (guidance 0.5 / 0) returned as the conditioning
-control cells moved gene by gene onto the generated per-gene distributions (`predict_population(transport="quantile")`).
+PerturbDiff_transport / _guidance0_transport: the same samples (guidance 0.5 / 0) returned as distinct control
+cells of the population's context moved gene by gene onto the generated per-gene distributions
+(`predict_population(transport="quantile")`).
 *_zeroed / additive_zeroed: values below the 1 % quantile of the non-zero training values set to 0, as
 `predict_population(zero_threshold="auto")` does (thresholds in run.json). PDS (discrimination_score_l1) ranks
 each predicted shift among the real shifts of the task's held-out conditions. The ceiling scores half of the real

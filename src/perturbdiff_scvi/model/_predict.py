@@ -292,15 +292,14 @@ def transported(
     give two near-identical output cells. Returns the cells and, per job, the pool positions of the control
     cell each output cell now comes from (for the library sizes of ``counts=True``).
     """
-    by_pop = jobs_by_population(jobs)
     out = list(cells)
-    rows = [job.control_rows.copy() for job in jobs]
-    for (ci, _), idx in by_pop.items():
+    rows = [job.control_rows for job in jobs]
+    for (ci, _), idx in jobs_by_population(jobs).items():
         cond = conditions[ci]
-        picks = distinct_draw(cond.n, len(source.pool(cond.ctx, cond.batch)), rng)
-        generated = np.concatenate([cells[i] for i in idx])
-        pop_rows = np.concatenate([rows[i] for i in idx])
         n = cond.n  # the cells assemble keeps: the output has exactly their per-gene distributions
+        picks = distinct_draw(n, len(source.pool(cond.ctx, cond.batch)), rng)
+        generated = np.concatenate([cells[i] for i in idx])  # new arrays: the inputs are not written to
+        pop_rows = np.concatenate([rows[i] for i in idx])
         controls = source.rows(cond.ctx, cond.batch, picks).astype(generated.dtype)
         generated[:n] = quantile_transport(generated[:n], controls, rng)
         pop_rows[:n] = picks

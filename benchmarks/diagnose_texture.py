@@ -111,37 +111,50 @@ def decomposition(model, train, real, control, seed: int, guidance: float) -> pd
     )
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_case_args(description: str, argv=None) -> tuple[argparse.Namespace, list[int]]:
+    """The command line of the case diagnoses (``--out --cases --seeds --max-steps --threads``), applied.
+
+    Quiets the logs, sets the torch threads and creates ``--out``; returns the arguments and the seeds.
+    """
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--cases", default="kang_heldout,dense_heldout")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--max-steps", type=int, default=1500)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",")]
     quiet_logs()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    start, records, decomp = time.time(), [], []
+    return args, [int(s) for s in args.seeds.split(",")]
+
+
+def trained_cases(args: argparse.Namespace, seeds: list[int]):
+    """Per seed and case: ``(seed, case, train, real, control, model)`` with a freshly trained default model."""
     for seed in seeds:
         for case in args.cases.split(","):
             train, real, control = case_data(case)
-            model = train_model(train.copy(), "default", args.max_steps, seed)
-            common = {"pca_reference": train, "seed": seed, **KEYS}
-            half, reference = baselines.half_vs_half_ceiling(real, seed=seed, **KEYS)
-            records.append(tl.evaluate({"ceiling": half}, reference, control, baseline=None, **common)
-                           .assign(case=case, seed=seed, guidance="-"))  # fmt: skip
-            for g in (0.5, 0.0):
-                pred = model.predict_population(PERT, contexts=HELD_OUT_TYPE, n_cells=real.n_obs, seed=seed,
-                                                guidance_scale=g)  # fmt: skip
-                rows = repairs(pred, real, control, np.random.default_rng(seed))
-                t = tl.evaluate(rows, real, control, baseline=None, **common)
-                records.append(t.assign(case=case, seed=seed, guidance=g))
-                decomp.append(decomposition(model, train, real, control, seed, g).assign(case=case, seed=seed,
-                                                                                         guidance=g))  # fmt: skip
-            print(f"[{case}, seed {seed}] done at {time.time() - start:.0f} s")
+            yield seed, case, train, real, control, train_model(train.copy(), "default", args.max_steps, seed)
+
+
+def main(argv=None) -> None:
+    args, seeds = parse_case_args(__doc__.split("\n")[0], argv)
+    start, records, decomp = time.time(), [], []
+    for seed, case, train, real, control, model in trained_cases(args, seeds):
+        common = {"pca_reference": train, "seed": seed, **KEYS}
+        half, reference = baselines.half_vs_half_ceiling(real, seed=seed, **KEYS)
+        records.append(tl.evaluate({"ceiling": half}, reference, control, baseline=None, **common)
+                       .assign(case=case, seed=seed, guidance="-"))  # fmt: skip
+        for g in (0.5, 0.0):
+            pred = model.predict_population(PERT, contexts=HELD_OUT_TYPE, n_cells=real.n_obs, seed=seed,
+                                            guidance_scale=g)  # fmt: skip
+            rows = repairs(pred, real, control, np.random.default_rng(seed))
+            t = tl.evaluate(rows, real, control, baseline=None, **common)
+            records.append(t.assign(case=case, seed=seed, guidance=g))
+            decomp.append(decomposition(model, train, real, control, seed, g).assign(case=case, seed=seed,
+                                                                                     guidance=g))  # fmt: skip
+        print(f"[{case}, seed {seed}] done at {time.time() - start:.0f} s")
     results = pd.concat(records, ignore_index=True)
     results = results[results["metric"].isin(METRICS)]
     results.to_csv(args.out / "texture.csv", index=False)

@@ -27,14 +27,18 @@ def main(argv: list[str] | None = None) -> int:
         "--transport",
         choices=["none", "quantile"],
         default=None,
-        help="predict_population(transport=): 'quantile' returns the control cells moved gene by gene onto the "
+        help="OutputOptions(transport=) of predict_population: 'quantile' returns the control cells moved gene by gene onto the "
         "generated distributions (default: none)",
     )
     args = parser.parse_args(argv)
 
     from ._quickstart import run_quickstart, summarise
 
-    options = {"guidance_scale": args.guidance_scale, "transport": args.transport}
+    options = {"guidance_scale": args.guidance_scale}
+    if args.transport is not None:
+        from .model import OutputOptions
+
+        options["output_options"] = OutputOptions(transport=args.transport)
     metrics = run_quickstart(
         args.out,
         max_steps=args.max_steps,

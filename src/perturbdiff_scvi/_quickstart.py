@@ -113,8 +113,8 @@ def run_quickstart(
         "pearson_delta_all_genes": pearson_delta(pred.X, real.X, control.X),
         "max_steps": int(model.trainer.global_step),
         "seed": seed,
-        "model_kwargs": dict(model_kwargs or {}),
-        "predict_kwargs": dict(predict_kwargs or {}),
+        "model_kwargs": _as_json(model_kwargs),
+        "predict_kwargs": _as_json(predict_kwargs),
         "seconds": {"train": round(t_train, 1), "predict": round(t_pred, 1)},
         "versions": {p: version(p) for p in ("perturbdiff-scvi", "scvi-tools", "torch", "anndata", "scanpy")},
         "python": platform.python_version(),
@@ -172,3 +172,10 @@ def metrics_are_sane(metrics: dict) -> bool:
         and metrics["pearson_delta_top100_de"] > 0.5
         and np.isfinite(metrics["energy_distance_pred_vs_real"])
     )
+
+
+def _as_json(kwargs: dict | None) -> dict:
+    """``kwargs`` for ``metrics.json``: option objects (``DiffusionOptions``, ``OutputOptions``, ...) as dicts."""
+    import dataclasses
+
+    return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in (kwargs or {}).items()}

@@ -1,5 +1,6 @@
 """Diffusion maths: schedules, Gaussian forward/reverse steps, samplers and a trajectory diagnostic."""
 
+from ._defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_N_STEPS
 from ._diagnostics import RangeMonitor
 from ._gaussian import GaussianDiffusion
 from ._sampling import (
@@ -14,6 +15,8 @@ from ._sampling import (
 from ._schedules import cosine_beta_schedule, get_named_beta_schedule, linear_beta_schedule, space_timesteps
 
 __all__ = [
+    "DEFAULT_GUIDANCE_SCALE",
+    "DEFAULT_N_STEPS",
     "RELEASED_START_TIME",
     "SAMPLER_NAMES",
     "GaussianDiffusion",

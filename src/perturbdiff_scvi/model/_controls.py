@@ -6,18 +6,13 @@ Both sources widen an empty (context, batch) pool by the same rule as training,
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 from anndata import AnnData
 
-from .._constants import PDIFF_KEYS
 from .._validation import MissingKeyError, check_log_normalised, check_unique_var_names, dense_rows, layer_names
 from ..data import control_pool
 from ._counts import counts_matrix, library_sizes
-
-if TYPE_CHECKING:
-    from ._model import PerturbDiff
+from ._registry import Registry
 
 
 class ControlSource:
@@ -25,26 +20,24 @@ class ControlSource:
 
     Parameters
     ----------
-    model
-        The trained model (its registry gives the registered cells and the category mappings).
+    registry
+        What setup registered: the registered cells, their codes and the category mappings.
     control_adata
         The user's control cells, or ``None`` for the registered ones.
-    codes
-        ``(perturbation, context, batch)`` registered codes of the training cells.
     """
 
-    def __init__(self, model: PerturbDiff, control_adata: AnnData | None, codes: tuple[np.ndarray, ...]):
-        self.model = model
+    def __init__(self, registry: Registry, control_adata: AnnData | None = None):
+        self.registry = registry
         self.control_adata = control_adata
         self._counts = None
-        self.codes = codes
-        self.control_code = model._control_code
+        self.codes = registry.codes
+        self.control_code = registry.control_code
         self._pools: dict[tuple[int, int], np.ndarray] = {}
         if control_adata is None:
-            self.matrix = model.adata_manager.get_from_registry(PDIFF_KEYS.X_KEY)
+            self.matrix = registry.matrix
             self.user = None
         else:
-            self.matrix, self.user = prepare_control_adata(model, control_adata)
+            self.matrix, self.user = prepare_control_adata(registry, control_adata)
 
     @property
     def label(self) -> str:
@@ -71,10 +64,10 @@ class ControlSource:
             else:
                 ctx = np.full(len(self.user["ctx"]), c) if self.user["no_ctx"] else self.user["ctx"]
                 if not np.any(ctx == c):
-                    name = self.model._mapping(PDIFF_KEYS.CONTEXT_KEY)[c]
+                    name = self.registry.categories("context")[c]
                     raise ValueError(
                         f"control_adata has no cell of context {name!r} in column "
-                        f"{self.model._setup_arg('context_key')!r}; add such control cells or drop "
+                        f"{self.registry.context_key!r}; add such control cells or drop "
                         "that column to use all its cells for every context."
                     )
                 # Every user cell is a control: the same widening as training, on the user's codes.
@@ -89,18 +82,18 @@ class ControlSource:
     def load_counts(self, counts_layer: str) -> None:
         """Read (and check) the raw counts layer that :meth:`library_sizes` sums."""
         user_rows = None if self.user is None else self.user["rows"]
-        self._counts = counts_matrix(self.model, self.control_adata, counts_layer, user_rows)
+        self._counts = counts_matrix(self.registry, self.control_adata, counts_layer, user_rows)
 
     def library_sizes(self, c: int, b: int, idx: np.ndarray) -> np.ndarray:
         """Total raw counts over the model's genes of the pool's cells at positions ``idx`` (after ``load_counts``)."""
         return library_sizes(self._counts, self.pool(c, b)[idx])
 
 
-def prepare_control_adata(model: PerturbDiff, control_adata: AnnData):
+def prepare_control_adata(registry: Registry, control_adata: AnnData):
     """Gene-aligned expression of the user's control cells and their context/batch codes (-1 = unknown)."""
     if not isinstance(control_adata, AnnData):
         raise TypeError(f"control_adata must be an AnnData; got {type(control_adata).__name__}.")
-    genes = model.var_names
+    genes = registry.var_names
     overlap = genes.intersection(control_adata.var_names)
     if len(overlap) == 0:
         raise ValueError(
@@ -114,7 +107,7 @@ def prepare_control_adata(model: PerturbDiff, control_adata: AnnData):
             f"{list(missing[:5])}); subset or pad it to model.var_names."
         )
     check_unique_var_names(control_adata, "control_adata")
-    layer = model._setup_arg("layer") or model._setup_arg("rna_layer")
+    layer = registry.layer
     if layer is not None and layer not in layer_names(control_adata):
         raise MissingKeyError(
             f"control_adata has no layer {layer!r}, the layer the model was set up with "
@@ -125,26 +118,21 @@ def prepare_control_adata(model: PerturbDiff, control_adata: AnnData):
     check_log_normalised(matrix, "control_adata expression")
     obs = control_adata.obs
     keep = np.ones(control_adata.n_obs, dtype=bool)
-    pert_key = model._setup_arg("perturbation_key")
+    pert_key = registry.perturbation_key
     if pert_key in obs.columns:
-        keep = (obs[pert_key].astype(str) == str(model._setup_arg("control_value"))).to_numpy()
+        keep = (obs[pert_key].astype(str) == str(registry.control_value)).to_numpy()
         if not keep.any():
             raise ValueError(
-                f"control_adata.obs[{pert_key!r}] has no cell equal to the control value "
-                f"{model._setup_arg('control_value')!r}."
+                f"control_adata.obs[{pert_key!r}] has no cell equal to the control value {registry.control_value!r}."
             )
     codes = {}
-    for name, setup_key, reg in (
-        ("ctx", "context_key", PDIFF_KEYS.CONTEXT_KEY),
-        ("batch", "batch_key", PDIFF_KEYS.BATCH_KEY),
-    ):
-        key = model._setup_arg(setup_key)
-        mapping = [str(v) for v in model._mapping(reg)]
+    for name, key, what in (("ctx", registry.context_key, "context"), ("batch", registry.batch_key, "batch")):
+        mapping = [str(v) for v in registry.categories(what)]
         if key is not None and key in obs.columns:
             codes[name] = np.array([mapping.index(v) if v in mapping else -1 for v in obs[key].astype(str)])[keep]
         else:
             codes[name] = np.full(int(keep.sum()), -1)
-    codes["no_ctx"] = model._setup_arg("context_key") not in obs.columns
+    codes["no_ctx"] = registry.context_key not in obs.columns
     rows = np.flatnonzero(keep)
     codes["rows"] = rows  # positions in control_adata of the cells kept (its control cells)
     return matrix[rows], codes

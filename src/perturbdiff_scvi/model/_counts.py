@@ -7,15 +7,11 @@ counts layer, is the total of the sampled counts.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 from anndata import AnnData
 
 from .._validation import MissingKeyError, _sample_values, layer_names
-
-if TYPE_CHECKING:
-    from ._model import PerturbDiff
+from ._registry import Registry
 
 
 def sample_counts(
@@ -67,7 +63,7 @@ def sample_counts(
     return counts.astype(np.float32), np.log1p(counts * scale[:, None]).astype(np.float32)
 
 
-def counts_matrix(model: PerturbDiff, control_adata: AnnData | None, layer: str, user_rows: np.ndarray | None):
+def counts_matrix(registry: Registry, control_adata: AnnData | None, layer: str, user_rows: np.ndarray | None):
     """The raw counts of the control cells ``ControlSource`` draws from, genes in the model's order.
 
     ``control_adata=None``: ``layer`` of the registered AnnData (its RNA modality for MuData); else ``layer`` of
@@ -76,15 +72,15 @@ def counts_matrix(model: PerturbDiff, control_adata: AnnData | None, layer: str,
     if not isinstance(layer, str):
         raise ValueError(f"counts_layer must be the name of a layer holding raw counts; got {layer!r}.")
     if control_adata is None:
-        adata = model.adata
+        adata = registry.adata
         if not isinstance(adata, AnnData):  # MuData: the modelled RNA modality
             from ._setup import rna_modality
 
-            adata = adata.mod[rna_modality(adata, model._setup_arg("modalities"))]
+            adata = adata.mod[rna_modality(adata, registry.setup_arg("modalities"))]
         where, cols, rows = "the registered AnnData", None, None
     else:
         adata, where = control_adata, "control_adata"
-        cols, rows = control_adata.var_names.get_indexer(model.var_names), user_rows
+        cols, rows = control_adata.var_names.get_indexer(registry.var_names), user_rows
     if layer not in layer_names(adata):
         raise MissingKeyError(
             f"counts=True needs the raw counts of the control cells: {where} has no layer {layer!r} (available: "

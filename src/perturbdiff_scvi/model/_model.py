@@ -9,33 +9,33 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 import pandas as pd
 import rich.pretty  # noqa: F401  (scvi 1.4.2 + rich>=15: view_anndata_setup needs it imported)
 import torch
 from anndata import AnnData
-from scvi import settings
 from scvi.data import AnnDataManager
 from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 from scvi.utils import setup_anndata_dsp
 
-from .._combinations import PerturbationVocabulary
 from .._compat import devices_dsp
 from .._constants import PDIFF_KEYS
 from .._perturbation_features import FeatureVocabulary, check_perturbation_features
-from .._validation import find_category, optional_seed
+from .._validation import optional_seed
 from ..data import SetDataSplitter
 from ..module import PerturbDiffModule
 from . import _io, _predict, _ranges, _setup, _train
 from ._embeddings import EmbeddingMixin
+from ._options import REMOVED_OPTIONS, DiffusionOptions, OutputOptions, SamplerOptions, split_deprecated
 from ._presets import DEFAULT_GUIDANCE_SCALE, check_hyperparameters
+from ._registry import Registry
 from ._training_plan import DiffusionTrainingPlan
 
 if TYPE_CHECKING:
@@ -64,69 +64,15 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
         Number of joint-attention blocks.
     n_heads
         Attention heads (the attention runs at width ``2 * n_hidden``).
-    mlp_ratio
-        MLP expansion in each block.
     n_cov
         Width of each covariate embedding (perturbation, context, batch).
-    n_cov_hidden
-        Width between concatenated covariates and the class embedding; ``None`` = number of genes, as released.
-    n_timesteps
-        Diffusion steps ``T``.
-    beta_schedule
-        ``"linear"`` (released, 1e-4 to 0.02) or ``"cosine"``.
-    input_scale
-        Expression is divided by this for diffusion. The released runs use 10 (``normalize_counts``); 1 trains
-        far better in short CPU runs (see the README) and is the default here; ``PAPER_CONFIG`` uses 10.
-        ``"auto"`` (not in the released method) derives it from the registered training matrix: the root mean
-        square of its non-zero values, so that an expressed value has about unit size in diffusion space, like
-        the unit-variance noise, whether the data are sparse and low (bundled Kang: 95 % zeros, max 6.8 ->
-        about 1.08) or dense and high (Kang's 300 most expressed genes re-normalised to 1e4: max 8.8 -> about
-        3.8). The resolved float is what the module uses and what :meth:`save` stores (``model.module.input_scale``);
-        loading never recomputes it.
-    energy_weight
-        Weight of the set energy term in the loss (1 as released; 0 gives a per-cell MSE-only model).
-    mse_weight
-        Weight of the per-cell MSE term.
-    energy_weighting
-        ``"constant"`` (released): the energy term weighs the same at every timestep. ``"abar"`` (not in the
-        released method): it is weighted by ``abar_t`` of each set's timestep (1 at low noise, 0 at pure noise).
-        At high noise the best ``x0`` estimate is a conditional mean; an energy term there trains the estimate
-        to be a diverse sample instead, which the DDIM update then adds on top of the state's own spread.
-    energy_pcs
-        ``0`` (released): the energy term compares the predicted and true sets over all genes. ``k > 0`` (not in
-        the released method): over their coordinates on the top ``k`` principal axes of the registered training
-        cells (fitted once here on up to 10,000 cells and stored with the model). Over thousands of genes the
-        distances between cells are dominated by gene-level noise; on the principal axes the term weighs the
-        shape of the population along the axes that separate cell states (see ``benchmarks/README.md``).
-    preconditioning
-        ``"none"`` (released): the denoiser's output is the clean estimate ``x0``. ``"edm"`` (not in the released
-        method; Karras et al. 2022 in variance-preserving form): ``x0 = relu(c_skip(t) x_t / sqrt(abar_t) +
-        c_out(t) F)``, a skip connection that passes the state through at low noise (``c_skip -> 1``) and leaves
-        the network the whole estimate at high noise. ``"edm_shrink"``: the same with a learned per-gene soft
-        threshold on the skip path, so that genes that are zero stay zero instead of carrying the residual noise
-        into the output (sparse data); see :class:`~perturbdiff_scvi.module.PerturbDiffModule`.
-    sigma_data
-        With ``preconditioning="edm"`` or ``"edm_shrink"``: the standard deviation of the data in diffusion
-        units; ``"auto"`` = the standard deviation of all registered training values divided by ``input_scale``
-        (stored resolved). Not used otherwise.
-    pairing
-        Which target cell each control cell's token is compared with in the per-cell MSE. ``"random"``
-        (released): as drawn (perturbed and control cells are unpaired). ``"ot"`` (not in the released method):
-        the target cells of each set are first reordered by the optimal one-to-one assignment to its control
-        cells (mini-batch optimal transport, squared Euclidean cost).
-    p_high_noise
-        Share of training sets whose timestep is drawn from the top tenth of the schedule instead of uniformly
-        (0 as released), where the default one-step sampler evaluates the denoiser.
-    p_drop_cond
-        Probability of training a set with the null covariate embedding (classifier-free guidance). The
-        released runs use 0.5; 0.2 trains the conditional model on more sets, which short runs need (see the
-        README); ``PAPER_CONFIG`` uses 0.5.
-    p_self_cond
-        Probability of the self-conditioning pass at a training step.
-    ema_decay
-        Decay of the exponential moving average of the weights used for prediction.
-    ema_every
-        Optimiser steps between EMA updates (10 in the paper's 200k-step runs; 1 here for short runs).
+    options
+        Research options (diffusion schedule, loss weights, preconditioning, guidance dropout, EMA):
+        :class:`~perturbdiff_scvi.model.DiffusionOptions`; ``None`` = its defaults, the measured small-data
+        defaults. ``PerturbDiff(adata, **PAPER_CONFIG)`` gives the released sizes and options.
+    **deprecated_options
+        The options' fields as flat keywords (``input_scale=``, ``p_drop_cond=``, ...), as in 0.1.0: accepted for
+        one release with a ``FutureWarning``; pass ``options=DiffusionOptions(...)`` instead.
 
     Examples
     --------
@@ -136,6 +82,7 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
     >>> pdiff.PerturbDiff.setup_anndata(train, perturbation_key="condition", control_value="control",
     ...                                 context_key="cell_type")
     >>> model = pdiff.PerturbDiff(train)
+    >>> wider = pdiff.PerturbDiff(train, n_hidden=256, options=pdiff.model.DiffusionOptions(input_scale="auto"))
     >>> model.train(max_steps=1500)
     >>> pred = model.predict_population("stimulated", contexts="CD4T", seed=0)
     """
@@ -153,48 +100,32 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
         n_hidden: int = 128,
         depth: int = 2,
         n_heads: int = 4,
-        mlp_ratio: float = 4.0,
         n_cov: int = 64,
-        n_cov_hidden: int | None = None,
-        n_timesteps: int = 1000,
-        beta_schedule: Literal["linear", "cosine"] = "linear",
-        input_scale: float | Literal["auto"] = 1.0,
-        energy_weight: float = 1.0,
-        mse_weight: float = 1.0,
-        energy_weighting: Literal["constant", "abar"] = "constant",
-        energy_pcs: int = 0,
-        preconditioning: Literal["none", "edm", "edm_shrink"] = "none",
-        sigma_data: float | Literal["auto"] = "auto",
-        pairing: Literal["random", "ot"] = "random",
-        p_high_noise: float = 0.0,
-        p_drop_cond: float = 0.2,
-        p_self_cond: float = 0.5,
-        ema_decay: float = 0.99,
-        ema_every: int = 1,
+        options: DiffusionOptions | None = None,
+        **deprecated_options,
     ):
         super().__init__(adata)
-        # resolved before init_params_ records the arguments, so that save / load keep the float
-        input_scale = _ranges.input_scale_value(
-            input_scale, lambda: self.adata_manager.get_from_registry(PDIFF_KEYS.X_KEY)
-        )
-        # resolved and stored as a float with an EDM preconditioning; unused (1.0) otherwise. An invalid value
+        options = split_deprecated(
+            deprecated_options,
+            {"options": (DiffusionOptions, options)},
+            where="PerturbDiff()",
+            removed=REMOVED_OPTIONS,
+        )["options"]
+        matrix = lambda: self.adata_manager.get_from_registry(PDIFF_KEYS.X_KEY)  # read only for "auto" values
+        # resolved before init_params_ records the options, so that save / load keep the floats
+        input_scale = _ranges.input_scale_value(options.input_scale, matrix)
+        # resolved and stored as a float with the EDM preconditioning; unused (1.0) otherwise. An invalid value
         # reads no data: check_hyperparameters below rejects it.
-        if preconditioning in ("edm", "edm_shrink"):
-            sigma_data = _ranges.sigma_data_value(
-                sigma_data, input_scale, lambda: self.adata_manager.get_from_registry(PDIFF_KEYS.X_KEY)
-            )
+        sigma_data = options.sigma_data
+        if options.preconditioning == "edm":
+            sigma_data = _ranges.sigma_data_value(sigma_data, input_scale, matrix)
         elif isinstance(sigma_data, str):
             sigma_data = 1.0
-        hparams = check_hyperparameters(
-            set_size=set_size, n_hidden=n_hidden, depth=depth, n_heads=n_heads, mlp_ratio=mlp_ratio, n_cov=n_cov,
-            n_cov_hidden=n_cov_hidden, n_timesteps=n_timesteps, beta_schedule=beta_schedule, input_scale=input_scale,
-            energy_weight=energy_weight, mse_weight=mse_weight, energy_weighting=energy_weighting,
-            energy_pcs=energy_pcs, preconditioning=preconditioning, sigma_data=sigma_data, pairing=pairing,
-            p_high_noise=p_high_noise, p_drop_cond=p_drop_cond, p_self_cond=p_self_cond, ema_decay=ema_decay,
-            ema_every=ema_every,
-        )  # fmt: skip
+        options = dataclasses.replace(options, input_scale=input_scale, sigma_data=sigma_data)
+        sizes = {"set_size": set_size, "n_hidden": n_hidden, "depth": depth, "n_heads": n_heads, "n_cov": n_cov}
+        hparams = check_hyperparameters(**sizes, **dataclasses.asdict(options))
         ss = self.summary_stats
-        vocab = self._vocabulary
+        vocab = self.registry_view.vocabulary
         self.module = self._module_cls(
             n_genes=ss.n_vars,
             n_perturbations=ss[f"n_{PDIFF_KEYS.PERT_KEY}"] if vocab is None else len(vocab.components),
@@ -206,17 +137,15 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
             ),
             **hparams,
         )
-        if self.module.energy_pcs:  # filled here, stored in the state_dict (loading does not refit it)
-            axes = _ranges.principal_axes(self.adata_manager.get_from_registry(PDIFF_KEYS.X_KEY), hparams["energy_pcs"])
-            self.module.energy_basis.copy_(torch.from_numpy(axes))
         n_params = sum(p.numel() for p in self.module.denoiser.parameters())
         self._model_summary_string = (
             f"PerturbDiff: {ss.n_vars} genes, set_size={set_size}, n_hidden={n_hidden}, depth={depth}, "
-            f"n_heads={n_heads}, T={n_timesteps}, {n_params / 1e6:.2f}M parameters"
+            f"n_heads={n_heads}, T={hparams['n_timesteps']}, {n_params / 1e6:.2f}M parameters"
             + ("" if vocab is None else f", {len(vocab.components)} perturbation components")
             + (f" from {vocab.features.shape[1]} features" if isinstance(vocab, FeatureVocabulary) else "")
         )
-        self.init_params_ = self._get_init_params(locals())
+        # what load() replays: the sizes and the resolved options as a plain dict (scvi-tools stores init_params_)
+        self.init_params_ = {"kwargs": {}, "non_kwargs": {**sizes, "options": dataclasses.asdict(options)}}
 
     @classmethod
     @setup_anndata_dsp.dedent
@@ -374,62 +303,26 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
         cls.register_manager(adata_manager)
 
     # ------------------------------------------------------------------ registry
-    def _mapping(self, key: str) -> np.ndarray:
-        return self.adata_manager.get_state_registry(key).categorical_mapping
-
     @property
-    def _control_code(self) -> int:
-        return find_category(
-            self._mapping(PDIFF_KEYS.PERT_KEY),
-            self._setup_arg("control_value"),
-            "control value",
-            self._setup_arg("perturbation_key"),
-        )
+    def registry_view(self) -> Registry:
+        """What setup registered, as a frozen :class:`~perturbdiff_scvi.model.Registry` (keys, categories, control
+        code, vocabulary, genes, training statistics): built once per registered AnnData and kept with the model.
 
-    @property
-    def _vocabulary(self) -> PerturbationVocabulary | None:
-        """Components of the perturbation labels: with ``perturbation_features``, the rows of that table; else, when
-        set up with ``combination_delimiter``, the split labels; else ``None`` (one embedding per label)."""
-        delimiter = self._setup_arg("combination_delimiter")
-        features = self._setup_arg("perturbation_features")
-        if features is not None:
-            labels = self._mapping(PDIFF_KEYS.PERT_KEY)
-            return FeatureVocabulary(labels, features, delimiter, self._setup_arg("control_value"))
-        if delimiter is None:
-            return None
-        return PerturbationVocabulary(self._mapping(PDIFF_KEYS.PERT_KEY), delimiter, self._setup_arg("control_value"))
-
-    def _training_statistic(self, name: Literal["gene_max", "zero_threshold"]):
-        """A statistic of the registered training matrix, computed on first use and kept for this model object.
-
-        ``"gene_max"``: per-gene maximum ``(G,)`` (``x0_bound="auto"``, the count sampler's cap);
-        ``"zero_threshold"``: :func:`~perturbdiff_scvi.metrics.realistic_zero_threshold` (``zero_threshold="auto"``).
-        Each is one pass over the matrix (a full read for backed AnnData), so repeated ``predict_population``
-        calls pay it once. Not saved: a loaded model recomputes it from the AnnData it is loaded with.
+        Prediction, control cells, counts and embeddings read this instead of the model. Its training statistics
+        (per-gene maximum, realistic zero threshold) are computed on first use and not saved: a loaded model
+        recomputes them from the AnnData it is loaded with.
         """
-        cache = self.__dict__.setdefault("_training_statistics", {})
-        if name not in cache:
-            if name == "gene_max":
-                compute = _ranges.gene_max
-            elif name == "zero_threshold":
-                from ..metrics import realistic_zero_threshold as compute  # lazy: keeps metrics off import
-            else:
-                raise ValueError(f"unknown training statistic {name!r}")
-            cache[name] = compute(self.adata_manager.get_from_registry(PDIFF_KEYS.X_KEY))
-        return cache[name]
+        manager = self.adata_manager
+        cached = self.__dict__.get("_registry")
+        if cached is None or cached[0] is not manager:
+            cached = (manager, Registry.from_manager(manager))
+            self.__dict__["_registry"] = cached
+        return cached[1]
 
     @property
     def var_names(self) -> pd.Index:
         """Genes the model was trained on, in order."""
-        return pd.Index(self.adata_manager.get_state_registry(PDIFF_KEYS.X_KEY).column_names)
-
-    def _setup_arg(self, name: str):
-        """A setup argument, ``None`` when that setup method has no such argument (e.g. ``rna_layer`` for AnnData).
-
-        scvi-tools' :meth:`~scvi.model.base.BaseModelClass.get_setup_arg` (inherited unchanged) raises a
-        ``KeyError`` instead.
-        """
-        return self.adata_manager.registry["setup_args"].get(name)
+        return self.registry_view.var_names
 
     # ------------------------------------------------------------------ training
     @devices_dsp.dedent
@@ -448,7 +341,6 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
         check_val_every_n_epoch: int | None = None,
         plan_kwargs: dict | None = None,
         datasplitter_kwargs: dict | None = None,
-        batch_size: int | None = None,
         compile: bool = False,
         compile_kwargs: dict | None = None,
         **trainer_kwargs,
@@ -489,9 +381,6 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
             ...).
         datasplitter_kwargs
             Options of :class:`~perturbdiff_scvi.data.SetDataSplitter` (``seed``, ``pin_memory``).
-        batch_size
-            Deprecated name of ``sets_per_batch`` (it counts sets, not cells, unlike other scvi-tools models);
-            warns with a ``FutureWarning``.
         compile
             Compile the denoiser's forward with :func:`torch.compile` for this training run (the first steps
             then take longer). Only the denoiser is compiled (not the noising or the loss); parameter names and
@@ -508,19 +397,11 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
         >>> model.train(max_steps=1500)
         >>> model.history["train_loss_epoch"].tail()
         """
-        if batch_size is not None:
-            warnings.warn(
-                "train(batch_size=...) is deprecated: it counts cell sets per step, not cells; use "
-                "sets_per_batch=... instead.",
-                FutureWarning,
-                stacklevel=settings.warnings_stacklevel,
-            )
-            sets_per_batch = batch_size
         max_epochs, max_steps, sets_per_batch, lr = _train.checked_lengths(max_epochs, max_steps, sets_per_batch, lr)
         compile, compile_kwargs = _train.checked_compile(compile, compile_kwargs)
         splitter = self._data_splitter_cls(
             self.adata_manager,
-            self._control_code,
+            self.registry_view.control_code,
             set_size=self.module.set_size,
             sets_per_batch=sets_per_batch,
             validation_size=validation_size,
@@ -661,37 +542,27 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
         control_adata: AnnData | None = None,
         n_cells: int | None = None,
         n_populations: int = 1,
+        seed: int | None = None,
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         n_steps: int | None = None,
-        sampler: Literal["ddim", "ddpm", "ddim_truncated"] = "ddim",
-        seed: int | None = None,
-        batch_size: int = 16,
-        use_ema: bool = True,
-        bias_correction: bool = False,
-        zero_threshold: float | Literal["auto"] | None = None,
-        start_time: int | None = None,
-        x0_bound: float | Literal["auto"] | None = "auto",
-        init: Literal["noise", "control"] = "noise",
-        counts: bool = False,
-        counts_layer: str = "counts",
-        transport: Literal["none", "quantile"] = "none",
-        progress_bar: bool = True,
+        sampler_options: SamplerOptions | None = None,
+        output_options: OutputOptions | None = None,
+        **deprecated_options,
     ) -> AnnData:
         """Generate cell populations for (perturbation, context, batch) combinations.
-
-        Counts (``n_cells``, ``n_populations``, ``n_steps``, ``start_time``, ``batch_size``) accept whole-number
-        floats such as ``2.0`` as integers; anything else raises a ``ValueError`` naming the argument.
 
         Every requested perturbation is crossed with every requested context and batch. A combination
         never observed together in training works as long as the perturbation and the context were each
         observed. Each population of ``n_cells`` cells is generated as ``ceil(n_cells / set_size)`` sets,
-        each conditioned on its own draw of control cells.
+        each conditioned on its own draw of control cells. Counts (``n_cells``, ``n_populations``, ``n_steps``)
+        accept whole-number floats such as ``2.0``; anything else raises a ``ValueError`` naming the argument.
 
         Parameters
         ----------
         perturbations
             Perturbation value(s) of ``perturbation_key``. With ``combination_delimiter`` set at setup, also
-            combinations never measured (e.g. ``"KLF1+MAP2K6"``) whose components occur in the training cells.
+            combinations never measured (e.g. ``"KLF1+MAP2K6"``) whose components occur in the training cells;
+            with ``perturbation_features``, perturbations never seen whose row is in the table.
         contexts
             Context value(s); ``None`` = every context of the training data.
         batches
@@ -707,137 +578,67 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
             training data, else of its control pool.
         n_populations
             Independent populations per combination (the response is a distribution over populations).
+        seed
+            Seed of the control draws and the noise; the same seed gives the same cells.
         guidance_scale
             Classifier-free guidance weight ``w``: ``(1 + w) x0_cond - w x0_uncond``; 0 = no guidance. The
-            default 0.5 was measured best for the small default model on the bundled data; the released
-            value is 1.0 (use it with ``PAPER_CONFIG``). With weak responses (e.g. CRISPR screens) 0 did
-            better: on Norman 2019, three seeds, it lowered the E-distance from 0.33 to 0.19, while on strongly
-            responding cells (Kang's monocytes) it doubled it (``benchmarks/README.md``).
+            default 0.5 was measured best for the small default model; the released value is 1.0 (use it with
+            ``PAPER_CONFIG``). With weak responses (e.g. CRISPR screens) 0 did better (see the benchmarks).
         n_steps
             Reverse steps of ``"ddim"`` / ``"ddpm"``, strided over the full schedule (1 to ``n_timesteps``);
             ``None`` = 1: one jump from pure noise to the model's clean estimate, which on every benchmark task
-            and seed gave more believable cells and better shifts than 50 steps (the earlier default; see
-            ``benchmarks/README.md``). Not used by ``"ddim_truncated"`` (an explicit value raises a ``ValueError``).
-        sampler
-            ``"ddim"`` (deterministic, eta = 0, the default), ``"ddpm"`` (ancestral), or ``"ddim_truncated"``: the
-            sampler of the official release (method.md section 5), DDIM eta = 0 over ``t = start_time - 1, ..., 0``,
-            one step at a time on the full ``n_timesteps`` schedule, starting from pure noise ``N(0, I)`` placed at
-            ``t = start_time - 1`` (the release does not noise the control set or any data). With the released
-            ``start_time=100`` of T = 1000 this runs only the last 100 timesteps (``abar`` about 0.90 at the start),
-            not a 100-step DDIM over the whole range. Guidance, self-conditioning and the ``1e-4`` cutoff are the
-            same for all samplers.
-        seed
-            Seed of the control draws and the noise; the same seed gives the same cells.
-        batch_size
-            Sets per forward pass.
-        use_ema
-            Use the EMA weights (as released) rather than the raw weights.
-        bias_correction
-            Not in the released method (off by default). Also generate the *control* population from the same
-            control draws and subtract, per gene, its mean error against those control cells:
-            ``x' = max(0, x - (mean(x_ctrl_generated) - mean(x_ctrl)))``. This removes the model's systematic
-            per-gene error in that context from the predicted shift; it doubles the sampling time and needs a
-            model trained with ``train_on_controls=True`` (the default).
-        zero_threshold
-            Set predicted values below this to exactly 0, for a realistic zero pattern before differential
-            expression (``sc.tl.rank_genes_groups``, cell-eval's DE metrics): a dense prediction gives near-zero
-            genes huge fold changes (see :mod:`perturbdiff_scvi.metrics`, "DE-sparsity"). ``"auto"`` = the 1 %
-            quantile of the non-zero registered training values
-            (:func:`~perturbdiff_scvi.metrics.realistic_zero_threshold`), below which real data have almost no
-            value. ``None`` (default) keeps the released output, where only values below ``1e-4`` are 0.
-        start_time
-            Only for ``sampler="ddim_truncated"``: its first timestep + 1, an integer from 1 to ``n_timesteps``;
-            ``None`` = the released 100 (or ``n_timesteps`` if smaller). Recorded in ``uns["perturbdiff"]`` (and
-            ``n_steps`` there is the number of steps run, ``start_time``); giving it with another sampler raises a
-            ``ValueError``.
-        x0_bound
-            Not in the released method (which has no cap: ``x0_bound=None``). Cap the clean estimate ``x0`` at every
-            reverse step (and so the output) to ``[0, x0_bound]``, in the units of the expression: ``"auto"``
-            (default) = 1.5 x each gene's maximum in the registered training matrix (a gene never expressed in
-            training is then predicted 0), a number = one cap for every gene, ``None`` = no cap (values are only
-            >= 0, as released). The default is ``"auto"`` because, measured on four tasks and three seeds
-            (benchmarks/README.md, "Values in range"), it changes no accuracy or realism metric beyond seed noise
-            and keeps dense high-valued panels in range, where uncapped predictions reach 2-3x the training
-            maximum (which cell-eval refuses). Each step's capped
-            estimate also drives the DDIM update and the self-conditioning, like a clipped ``x0`` in image
-            diffusion; with ``bias_correction`` the corrected values are capped again. Recorded in
-            ``uns["perturbdiff"]["x0_bound"]``.
-        init
-            Not in the released method. ``"noise"`` (default, released): the reverse chain starts from pure noise.
-            ``"control"``: it starts from the matched control set noised to the first visited timestep (SDEdit);
-            then ``start_time`` also applies to ``"ddim"`` / ``"ddpm"`` (``min(n_steps, start_time)`` steps
-            strided over ``start_time - 1, ..., 0``; with the default ``n_steps`` one denoising of the controls
-            noised to ``start_time - 1``) and sets how far the cells may move from their controls.
-            Measured on Kang and the dense panel it did not make cells more realistic (benchmarks/README.md).
-        counts
-            Also sample counts, for count-based tools (e.g. DE with pydeseq2 or ``sc.pp.normalize_total``
-            pipelines): cell ``i`` of each set gets the library size (total over the model's genes) of control cell
-            ``i`` of the set's control draw, and ``counts ~ Multinomial(library, expm1(x) / sum expm1(x))``, with
-            ``x`` first capped at each gene's training maximum (``expm1`` of a value far above the data range
-            would take nearly all of a cell's counts). They
-            are returned in ``layers["counts"]``, and ``X`` is re-normalised from them,
-            ``log1p(counts * sum(expm1(x)) / library)``, on each predicted cell's own scale (so ``X`` then has
-            the sampling noise and the zeros of real counts). Needs raw counts of the control cells
-            (``counts_layer``).
-        counts_layer
-            With ``counts=True``: the layer of the registered AnnData (its RNA modality for MuData), or of
-            ``control_adata`` when given, that holds raw counts (whole numbers) of the control cells.
-        transport
-            Not in the released method. ``"none"`` (default): the generated cells. ``"quantile"``: for each
-            population, ``n`` distinct control cells of its (context, batch) (drawn without replacement; repeated
-            only when the pool has fewer than ``n`` cells), each moved gene by gene onto the generated
-            population's distribution of that gene (the control cell of rank ``r`` for a gene, ties broken at
-            random, takes the ``r``-th smallest generated value: one-dimensional optimal transport per gene). The
-            output keeps the generated per-gene distributions (so means, shifts and DE are unchanged) and takes
-            its joint structure, which genes are high together in a cell, from real control cells; with
-            ``counts=True`` each cell takes the library size of the control cell it comes from. Applied after
-            ``bias_correction`` and ``zero_threshold``, before ``counts``. Measured in ``benchmarks/README.md``
-            ("Texture").
-        progress_bar
-            Show scvi-tools' progress bar over the forward passes (``batch_size`` sets each, across all
-            conditions and populations) when there are at least two.
+            and seed gave more believable cells and better shifts than 50 steps. Not used by
+            ``sampler="ddim_truncated"`` (an explicit value raises a ``ValueError``).
+        sampler_options
+            How the reverse chain runs (sampler, ``start_time``, sets per forward pass, EMA weights, progress
+            bar): :class:`~perturbdiff_scvi.model.SamplerOptions`; ``None`` = its defaults.
+        output_options
+            What is done to the generated cells (value bound, zeros, bias correction, transport, counts):
+            :class:`~perturbdiff_scvi.model.OutputOptions`; ``None`` = its defaults.
+        **deprecated_options
+            The options' fields as flat keywords (``sampler=``, ``x0_bound=``, ``counts=``, ...), as in 0.1.0:
+            accepted for one release with a ``FutureWarning``.
 
         Returns
         -------
         AnnData with ``var_names`` = training genes, ``obs`` holding the user's perturbation / context /
-        batch columns (categorical) and ``population``, and the settings in ``uns["perturbdiff"]``.
+        batch columns (categorical) and ``population``, the settings in ``uns["perturbdiff"]`` and, with
+        ``OutputOptions(counts=True)``, ``layers["counts"]``.
 
         Examples
         --------
         >>> pred = model.predict_population("stimulated", contexts="CD4T", n_populations=3, seed=0)
         >>> sc.pl.umap(anndata.concat([real, pred], label="source"), color="condition")
-        >>> released = model.predict_population("stimulated", contexts="CD4T", sampler="ddim_truncated",
-        ...                                     start_time=100, guidance_scale=1.0, seed=0)
-        >>> bounded = model.predict_population("stimulated", contexts="CD4T", x0_bound="auto", seed=0)
-        >>> with_counts = model.predict_population("stimulated", contexts="CD4T", counts=True, seed=0)
+        >>> from perturbdiff_scvi.model import OutputOptions, SamplerOptions
+        >>> released = model.predict_population("stimulated", contexts="CD4T", guidance_scale=1.0, seed=0,
+        ...                                     sampler_options=SamplerOptions(sampler="ddim_truncated"))
+        >>> with_counts = model.predict_population("stimulated", contexts="CD4T", seed=0,
+        ...                                        output_options=OutputOptions(counts=True))
         >>> with_counts.layers["counts"]  # whole numbers; with_counts.X re-normalised from them
         """
         self._check_if_trained(warn=True)
-        options = _predict.SamplingOptions.checked(
+        groups = split_deprecated(
+            deprecated_options,
+            {"sampler_options": (SamplerOptions, sampler_options), "output_options": (OutputOptions, output_options)},
+            where="predict_population()",
+            removed=REMOVED_OPTIONS,
+        )
+        sampling = _predict.SamplingOptions.checked(
             n_steps=n_steps,
-            sampler=sampler,
             guidance_scale=guidance_scale,
-            batch_size=batch_size,
-            use_ema=use_ema,
+            options=groups["sampler_options"],
             n_timesteps=self.module.diffusion.n_timesteps,
-            start_time=start_time,
-            init=init,
-            progress_bar=progress_bar,
         )
         return _predict.predict(
-            self,
+            self.module,
+            self.registry_view,
             perturbations,
             contexts,
             batches,
             control_adata=control_adata,
             n_cells=n_cells,
             n_populations=n_populations,
-            options=options,
             seed=optional_seed(seed),
-            bias_correction=bias_correction,
-            zero_threshold=zero_threshold,
-            x0_bound=x0_bound,
-            counts=counts,
-            counts_layer=counts_layer,
-            transport=transport,
+            sampling=sampling,
+            output=groups["output_options"],
         )

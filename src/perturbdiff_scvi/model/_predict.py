@@ -5,35 +5,26 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
 
-from .._constants import PDIFF_KEYS
 from .._output import population_adata
 from .._validation import as_list, find_category, is_finite_number, optional_positive_int, positive_int
-from ..data import registered_codes
-from ..diffusion import RELEASED_START_TIME, SAMPLER_NAMES
+from ..diffusion import DEFAULT_N_STEPS, RELEASED_START_TIME, SAMPLER_NAMES
 from ..diffusion._sampling import sampler_choices
 from ._controls import ControlSource
 from ._counts import sample_counts
+from ._options import OutputOptions, SamplerOptions
 from ._ranges import x0_bound_value
+from ._registry import Registry
 from ._transport import check_transport, quantile_transport
-
-if TYPE_CHECKING:
-    from ._model import PerturbDiff
 
 Sampler = Literal["ddim", "ddpm", "ddim_truncated"]
 SAMPLERS: tuple[str, ...] = SAMPLER_NAMES
-#: Where the reverse chain starts: pure noise (released) or the matched control set noised to ``start_time``.
-INITS: tuple[str, ...] = ("noise", "control")
-#: Reverse steps of the strided samplers (``"ddim"``, ``"ddpm"``) when ``n_steps=None``: one jump from pure noise
-#: to the clean estimate. The denoiser, trained with the set energy term, returns a diverse sample there; more steps
-#: add that diversity on top of the state's own (benchmarks/README.md, "Few-step sampling"; 50 until 0.1.0).
-DEFAULT_N_STEPS = 1
 
 
 class Condition(NamedTuple):
@@ -69,23 +60,13 @@ class SamplingOptions:
     batch_size: int
     use_ema: bool
     start_time: int | None = None
-    init: str = "noise"
     progress_bar: bool = True
 
     @classmethod
-    def checked(
-        cls,
-        *,
-        n_steps,
-        sampler,
-        guidance_scale,
-        batch_size,
-        use_ema,
-        n_timesteps: int,
-        start_time=None,
-        init="noise",
-        progress_bar=True,
-    ) -> SamplingOptions:
+    def checked(cls, *, n_steps, guidance_scale, options: SamplerOptions, n_timesteps: int) -> SamplingOptions:
+        """The user's ``n_steps``, ``guidance_scale`` and :class:`SamplerOptions`, checked for ``n_timesteps``."""
+        sampler, start_time, batch_size = options.sampler, options.start_time, options.batch_size
+        use_ema, progress_bar = options.use_ema, options.progress_bar
         if not is_finite_number(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0 (0 = no guidance); got {guidance_scale!r}.")
         if not isinstance(sampler, str) or sampler not in SAMPLERS:
@@ -94,8 +75,6 @@ class SamplingOptions:
             raise ValueError(f"use_ema must be True or False; got {use_ema!r}.")
         if not isinstance(progress_bar, bool | np.bool_):
             raise ValueError(f"progress_bar must be True or False; got {progress_bar!r}.")
-        if not isinstance(init, str) or init not in INITS:
-            raise ValueError(f"init must be 'noise' (pure noise, as released) or 'control'; got {init!r}.")
         if sampler == "ddim_truncated":
             if n_steps is not None:
                 raise ValueError(
@@ -106,14 +85,10 @@ class SamplingOptions:
                 start_time = min(RELEASED_START_TIME, n_timesteps)
             start_time = positive_int(start_time, "start_time", upper=n_timesteps, upper_name="n_timesteps")
             n_steps = start_time
-        elif start_time is not None and init == "control":
-            start_time = positive_int(start_time, "start_time", upper=n_timesteps, upper_name="n_timesteps")
-            n_steps = min(DEFAULT_N_STEPS if n_steps is None else positive_int(n_steps, "n_steps"), start_time)
         elif start_time is not None:
             raise ValueError(
-                f"start_time={start_time!r} only applies to sampler='ddim_truncated' or with init='control'; "
-                f"sampler={sampler!r} from pure noise strides n_steps steps over the whole schedule. Leave "
-                "start_time=None (or use sampler='ddim_truncated', or init='control')."
+                f"start_time={start_time!r} only applies to sampler='ddim_truncated'; sampler={sampler!r} strides "
+                "n_steps steps over the whole schedule. Leave start_time=None (or use sampler='ddim_truncated')."
             )
         else:
             n_steps = DEFAULT_N_STEPS if n_steps is None else n_steps
@@ -124,7 +99,6 @@ class SamplingOptions:
             batch_size=positive_int(batch_size, "batch_size"),
             use_ema=bool(use_ema),
             start_time=start_time,
-            init=init,
             progress_bar=bool(progress_bar),
         )
 
@@ -142,9 +116,10 @@ def zero_threshold_value(value, auto_threshold: Callable[[], float]) -> float | 
     return float(value)
 
 
-def seen_code(model: PerturbDiff, key: str, value, codes: np.ndarray, what: str, obs_key: str | None) -> int:
-    """Registered code of ``value``, which must have training cells."""
-    code = find_category(model._mapping(key), value, what, str(obs_key))
+def seen_code(registry: Registry, what: str, value, codes: np.ndarray, obs_key: str | None) -> int:
+    """Registered code of ``value`` (a ``"perturbation"``, ``"context"`` or ``"batch"``), which must have training
+    cells."""
+    code = find_category(registry.categories(what), value, what, str(obs_key))
     if not np.any(codes == code):
         raise ValueError(
             f"The {what} {value!r} has no cells in the training data (it is only an unused category "
@@ -153,20 +128,21 @@ def seen_code(model: PerturbDiff, key: str, value, codes: np.ndarray, what: str,
     return code
 
 
-def resolve_perturbation(model: PerturbDiff, value, codes: np.ndarray, obs_key: str) -> tuple[str, object, int]:
+def resolve_perturbation(registry: Registry, value, codes: np.ndarray, obs_key: str) -> tuple[str, object, int]:
     """``(label, what the module embeds, registered code or -1)`` of a requested perturbation.
 
     Without ``combination_delimiter`` the module embeds the registered code; with it, the component
     codes, which also exist for a combination that was never registered.
     """
-    vocab = model._vocabulary
+    vocab = registry.vocabulary
+    labels = registry.categories("perturbation")
     if vocab is None:
-        code = seen_code(model, PDIFF_KEYS.PERT_KEY, value, codes, "perturbation", obs_key)
-        return model._mapping(PDIFF_KEYS.PERT_KEY)[code], code, code
-    mapping = [str(v) for v in model._mapping(PDIFF_KEYS.PERT_KEY)]
+        code = seen_code(registry, "perturbation", value, codes, obs_key)
+        return labels[code], code, code
+    mapping = [str(v) for v in labels]
     code = mapping.index(str(value)) if str(value) in mapping else -1
     if code >= 0 and np.any(codes == code):
-        return model._mapping(PDIFF_KEYS.PERT_KEY)[code], vocab.matrix[code][vocab.matrix[code] >= 0], code
+        return labels[code], vocab.matrix[code][vocab.matrix[code] >= 0], code
     return str(value), vocab.codes(value, vocab.seen_components(codes), obs_key), code
 
 
@@ -225,8 +201,6 @@ def sample_jobs(
     extra = {}
     if options.start_time is not None:
         extra["start_time"] = options.start_time
-    if options.init != "noise":
-        extra["init"] = options.init
     if x0_max is not None:
         extra["x0_max"] = torch.as_tensor(x0_max)
     from scvi.utils import track
@@ -324,7 +298,7 @@ def distinct_draw(n: int, pool_size: int, rng: np.random.Generator) -> np.ndarra
 
 
 def assemble(
-    model: PerturbDiff,
+    registry: Registry,
     conditions: list[Condition],
     jobs: list[Job],
     cells: list[np.ndarray],
@@ -351,15 +325,13 @@ def assemble(
     # Registered labels keep their registry order; combinations never registered follow as requested.
     order = sorted(range(len(conditions)), key=lambda i: (conditions[i].code < 0, conditions[i].code, i))
     labels = list(dict.fromkeys(conditions[i].label for i in order))  # keeps the user's value types
-    pert_key, ctx_key, batch_key = (model._setup_arg(k) for k in ("perturbation_key", "context_key", "batch_key"))
+    pert_key, ctx_key, batch_key = registry.perturbation_key, registry.context_key, registry.batch_key
     obs = {pert_key: pd.Categorical.from_codes([labels.index(conditions[i].label) for i in meta["pert"]], labels)}
-    for key, reg, values in (
-        (ctx_key, PDIFF_KEYS.CONTEXT_KEY, meta["ctx"]),
-        (batch_key, PDIFF_KEYS.BATCH_KEY, meta["batch"]),
-    ):
+    for key, what, values in ((ctx_key, "context", meta["ctx"]), (batch_key, "batch", meta["batch"])):
         if key is not None:
             used = sorted(set(values))
-            obs[key] = pd.Categorical.from_codes([used.index(c) for c in values], categories=model._mapping(reg)[used])
+            categories = registry.categories(what)[used]
+            obs[key] = pd.Categorical.from_codes([used.index(c) for c in values], categories=categories)
     # the obs columns of the output, so that tl.population_summary / tl.calibration find them without arguments
     uns = {**uns, "perturbation_key": pert_key, "context_key": "None" if ctx_key is None else ctx_key}
     uns["batch_key"] = "None" if batch_key is None else batch_key
@@ -367,7 +339,7 @@ def assemble(
         np.concatenate(blocks),
         obs=obs,
         population=np.asarray(meta["population"]),
-        var_names=model.var_names,
+        var_names=registry.var_names,
         name_prefix="perturbdiff",
         uns_key="perturbdiff",
         uns=uns,
@@ -378,7 +350,8 @@ def assemble(
 
 
 def predict(
-    model: PerturbDiff,
+    module,
+    registry: Registry,
     perturbations,
     contexts,
     batches,
@@ -386,33 +359,28 @@ def predict(
     control_adata: AnnData | None,
     n_cells,
     n_populations,
-    options: SamplingOptions,
     seed: int | None,
-    bias_correction: bool,
-    zero_threshold,
-    x0_bound,
-    counts: bool = False,
-    counts_layer: str = "counts",
-    transport: str = "none",
+    sampling: SamplingOptions,
+    output: OutputOptions,
 ) -> AnnData:
-    """What ``PerturbDiff.predict_population`` does, with its arguments checked here (see its docstring)."""
-    module = model.module
+    """What ``PerturbDiff.predict_population`` does, with its arguments checked here (see its docstring).
+
+    ``module`` is the trained :class:`~perturbdiff_scvi.module.PerturbDiffModule`; ``registry`` what setup
+    registered (:class:`~perturbdiff_scvi.model.Registry`).
+    """
     n_cells = optional_positive_int(n_cells, "n_cells")
     n_populations = positive_int(n_populations, "n_populations")
-    zero_threshold = zero_threshold_value(zero_threshold, lambda: model._training_statistic("zero_threshold"))
-    x0_max = x0_bound_value(x0_bound, lambda: model._training_statistic("gene_max"))
+    zero_threshold = zero_threshold_value(output.zero_threshold, lambda: registry.zero_threshold)
+    x0_max = x0_bound_value(output.x0_bound, lambda: registry.gene_max)
     perturbations = as_list(perturbations, "perturbations")
-    pert_key, ctx_key, batch_key = (model._setup_arg(k) for k in ("perturbation_key", "context_key", "batch_key"))
-    codes = registered_codes(model.adata_manager)
+    pert_key, ctx_key, batch_key = registry.perturbation_key, registry.context_key, registry.batch_key
+    codes = registry.codes
     pert_codes, ctx_codes, _ = codes
-    perts = [resolve_perturbation(model, v, pert_codes, pert_key) for v in perturbations]
+    perts = [resolve_perturbation(registry, v, pert_codes, pert_key) for v in perturbations]
     if contexts is None:
         c_ids = np.unique(ctx_codes).tolist()
     else:
-        c_ids = [
-            seen_code(model, PDIFF_KEYS.CONTEXT_KEY, v, ctx_codes, "context", ctx_key)
-            for v in as_list(contexts, "contexts")
-        ]
+        c_ids = [seen_code(registry, "context", v, ctx_codes, ctx_key) for v in as_list(contexts, "contexts")]
     if batches is not None and batch_key is None:
         raise ValueError(
             f"batches={batches!r} was given, but the model was set up without batch_key; pass batches=None "
@@ -422,14 +390,14 @@ def predict(
         None
         if batches is None
         else [
-            find_category(model._mapping(PDIFF_KEYS.BATCH_KEY), v, "batch", str(batch_key))
-            for v in as_list(batches, "batches")
+            find_category(registry.categories("batch"), v, "batch", str(batch_key)) for v in as_list(batches, "batches")
         ]
     )
+    counts, counts_layer, bias_correction = output.counts, output.counts_layer, output.bias_correction
     if not isinstance(counts, bool | np.bool_):
         raise ValueError(f"counts must be True or False; got {counts!r}.")
-    transport = check_transport(transport)
-    source = ControlSource(model, control_adata, codes)
+    transport = check_transport(output.transport)
+    source = ControlSource(registry, control_adata)
     if counts:
         source.load_counts(counts_layer)  # a missing or non-count layer fails here, before any sampling
     rng = np.random.default_rng(seed)
@@ -445,11 +413,11 @@ def predict(
         set_size=module.set_size,
         rng=rng,
     )
-    cells = sample_jobs(module, jobs, conditions, source, options, gen, x0_max)
+    cells = sample_jobs(module, jobs, conditions, source, sampling, gen, x0_max)
     if bias_correction:
-        label, pert, code = resolve_perturbation(model, model._setup_arg("control_value"), pert_codes, pert_key)
+        label, pert, code = resolve_perturbation(registry, registry.control_value, pert_codes, pert_key)
         as_control = [cond._replace(label=label, pert=pert, code=code) for cond in conditions]
-        regenerated = sample_jobs(module, jobs, as_control, source, options, gen, x0_max)
+        regenerated = sample_jobs(module, jobs, as_control, source, sampling, gen, x0_max)
         cells = subtract_control_bias(jobs, conditions, cells, regenerated, source)
         if x0_max is not None:  # the correction may shift values up again: keep the documented bound
             cells = [np.minimum(x, x0_max).astype(x.dtype) for x in cells]
@@ -465,27 +433,26 @@ def predict(
     layers = None
     if counts:
         count_rng = np.random.default_rng(rng.integers(2**62))  # drawn last: counts=False draws stay the same
-        upper = model._training_statistic("gene_max")
         pairs = [
             sample_counts(
                 x, source.library_sizes(conditions[job.condition].ctx, conditions[job.condition].batch,
-                                        rows), count_rng, upper
+                                        rows), count_rng, registry.gene_max
             )
             for job, rows, x in zip(jobs, control_rows, cells, strict=True)
         ]  # fmt: skip
         layers = {"counts": [p[0] for p in pairs]}
         cells = [p[1] for p in pairs]
+    x0_bound = output.x0_bound
     uns = {
         "perturbations": [str(v) for v in perturbations],
         "n_populations": n_populations,
-        "guidance_scale": options.guidance_scale,
-        "n_steps": options.n_steps,
-        "sampler": options.sampler,
-        "start_time": "None" if options.start_time is None else int(options.start_time),
-        "init": options.init,
+        "guidance_scale": sampling.guidance_scale,
+        "n_steps": sampling.n_steps,
+        "sampler": sampling.sampler,
+        "start_time": "None" if sampling.start_time is None else int(sampling.start_time),
         "seed": "None" if seed is None else int(seed),
         "set_size": int(module.set_size),
-        "use_ema": options.use_ema,
+        "use_ema": sampling.use_ema,
         "controls": source.label,
         "bias_correction": bool(bias_correction),
         "zero_threshold": "None" if zero_threshold is None else float(zero_threshold),
@@ -493,4 +460,4 @@ def predict(
         "counts": "None" if not counts else str(counts_layer),
         "transport": transport,
     }
-    return assemble(model, conditions, jobs, cells, n_populations, uns, layers)
+    return assemble(registry, conditions, jobs, cells, n_populations, uns, layers)

@@ -65,13 +65,14 @@ def test_bad_hyperparameters_name_the_argument(setup_adata, kwargs, match):
         PerturbDiff(setup_adata, **{**TINY, **kwargs})
 
 
-def test_train_batch_size_is_a_deprecated_name_of_sets_per_batch(setup_adata):
+def test_train_counts_sets_per_batch_and_refuses_batch_size(setup_adata):
     from perturbdiff_scvi import PerturbDiff
 
     model = PerturbDiff(setup_adata, **TINY)
     train = {k: v for k, v in TINY_TRAIN.items() if k != "sets_per_batch"}
-    with pytest.warns(FutureWarning, match="use sets_per_batch"):
+    with pytest.raises(TypeError, match="takes sets_per_batch="):  # not Lightning's Trainer error
         model.train(**{**train, "max_steps": 2}, batch_size=3)
+    model.train(**{**train, "max_steps": 2}, sets_per_batch=3)
     loader = model.trainer.train_dataloader
     # A batch holds sets_per_batch perturbed sets and their control sets of set_size cells each.
     batch = next(iter(loader))

@@ -192,26 +192,32 @@ def test_auto_bound_keeps_dense_predictions_within_1p5_x_the_training_max(dense_
     assert (tamed <= bound).all() and (tamed >= 0).all()
 
 
-def test_auto_statistics_are_read_from_the_training_matrix_once_per_model(dense_model, monkeypatch):
-    """x0_bound="auto" / zero_threshold="auto" / counts read the registered matrix on the first call only, and
-    the cached values are the training matrix's own (per-gene maximum, realistic zero threshold)."""
-    from perturbdiff_scvi._constants import PDIFF_KEYS
+def test_auto_statistics_are_computed_from_the_training_matrix_once_per_registry(dense_model, monkeypatch):
+    """x0_bound="auto" / zero_threshold="auto" compute their statistic of the registered matrix on the first call
+    only, kept by the model's registry view, and the values are the training matrix's own (per-gene maximum,
+    realistic zero threshold)."""
+    import perturbdiff_scvi.metrics as metrics
     from perturbdiff_scvi.metrics import realistic_zero_threshold
+    from perturbdiff_scvi.model import OutputOptions, _ranges
 
     model, adata = dense_model
-    model.__dict__.pop("_training_statistics", None)
-    manager, reads = model.adata_manager, []
-    original = manager.get_from_registry
-    monkeypatch.setattr(manager, "get_from_registry", lambda key: reads.append(key) or original(key))
-    kwargs = {"contexts": "CD4T", "n_cells": 8, "n_steps": 2, "seed": 0, "x0_bound": "auto", "zero_threshold": "auto"}
+    registry = model.registry_view
+    for name in ("gene_max", "zero_threshold"):
+        registry.__dict__.pop(name, None)  # drop what an earlier test of this module computed
+    calls = []
+    gene_max, zero_threshold = _ranges.gene_max, metrics.realistic_zero_threshold
+    monkeypatch.setattr(_ranges, "gene_max", lambda m: calls.append("gene_max") or gene_max(m))
+    monkeypatch.setattr(metrics, "realistic_zero_threshold", lambda m: calls.append("zero") or zero_threshold(m))
+    options = OutputOptions(x0_bound="auto", zero_threshold="auto")
+    kwargs = {"contexts": "CD4T", "n_cells": 8, "n_steps": 2, "seed": 0, "output_options": options}
     first = model.predict_population("stimulated", **kwargs)
-    first_reads, reads[:] = reads.count(PDIFF_KEYS.X_KEY), []
+    assert sorted(calls) == ["gene_max", "zero"]
     second = model.predict_population("stimulated", **kwargs)
+    assert sorted(calls) == ["gene_max", "zero"]  # not computed again
     np.testing.assert_array_equal(np.asarray(first.X), np.asarray(second.X))
-    assert first_reads - reads.count(PDIFF_KEYS.X_KEY) == 2  # the two statistics, on the first call only
-    stats = model.__dict__["_training_statistics"]
-    np.testing.assert_allclose(stats["gene_max"], _dense(adata.X).max(0), rtol=1e-6)
-    assert stats["zero_threshold"] == realistic_zero_threshold(adata.X)
+    assert model.registry_view is registry
+    np.testing.assert_allclose(registry.gene_max, _dense(adata.X).max(0), rtol=1e-6)
+    assert registry.zero_threshold == realistic_zero_threshold(adata.X)
 
 
 # ------------------------------------------------------------------------------ input_scale="auto"
@@ -224,7 +230,7 @@ def test_auto_input_scale_resolves_to_the_nonzero_rms(dense_model, setup_adata):
     assert type(model.module.input_scale) is float
     assert model.module.input_scale == pytest.approx(expected, rel=1e-9)
     assert 3 < model.module.input_scale < 5  # dense, high values: expressed entries ~1 in diffusion space
-    assert model.init_params_["non_kwargs"]["input_scale"] == model.module.input_scale  # saved as the float
+    assert model.init_params_["non_kwargs"]["options"]["input_scale"] == model.module.input_scale  # saved as the float
     sparse_low = PerturbDiff(setup_adata, **TINY, input_scale="auto").module.input_scale
     y = _dense(setup_adata.X).astype(np.float64)
     assert sparse_low == pytest.approx(np.sqrt(np.mean(y[y != 0] ** 2)), rel=1e-9)

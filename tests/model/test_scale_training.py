@@ -170,7 +170,7 @@ def test_ddp_spawn_two_cpu_processes(setup_adata, tmp_path):
     assert ranks[0]["rng"] != ranks[1]["rng"], "both ranks draw the same timesteps and noise"
 
     # Exactly the shards of the single-process sampler's first epoch (same seed).
-    splitter = SetDataSplitter(model.adata_manager, model._control_code, set_size=TINY["set_size"],
+    splitter = SetDataSplitter(model.adata_manager, model.registry_view.control_code, set_size=TINY["set_size"],
                                sets_per_batch=sets_per_batch)  # fmt: skip
     sampler = splitter.train_dataloader().sampler
     for r in (0, 1):

@@ -416,6 +416,11 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
                 f"{validation_size} with split={split!r} left no validation cells; raise validation_size "
                 "or use split='cell'."
             )
+        if "batch_size" in trainer_kwargs:
+            raise TypeError(
+                "train() takes sets_per_batch= (cell sets per optimisation step, each of set_size cells and as many "
+                "controls), not batch_size=."
+            )
         if trainer_kwargs.get("use_distributed_sampler"):
             raise ValueError(
                 "use_distributed_sampler=True is not supported: the set sampler shards the sets over processes itself."

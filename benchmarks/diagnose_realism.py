@@ -12,14 +12,11 @@ is drawn from the same trained model, so the sampling rows of a case differ only
 Training variants: ``default``; ``input_scale_auto`` (``PerturbDiff(input_scale="auto")``); ``no_self_cond``
 (``p_self_cond=0``); ``set_size_32``; ``steps_x2`` (twice the training steps); ``energy_0`` (``energy_weight=0``,
 MSE only); ``energy_abar`` (``energy_weighting="abar"``); ``edm`` (``preconditioning="edm"``); ``edm_abar`` (both);
-``edm_energy_0`` (``preconditioning="edm"``, ``energy_weight=0``); ``edm_shrink``, ``edm_shrink_abar``,
-``edm_shrink_energy_0`` (the same three with ``preconditioning="edm_shrink"``); ``energy_pcs_50``
-(``energy_pcs=50``: the energy term on the top 50 principal axes of the training cells), ``pairing_ot``
-(``pairing="ot"``), ``high_noise_0.5`` (``p_high_noise=0.5``). Sampling variants (50 DDIM
+``edm_energy_0`` (``preconditioning="edm"``, ``energy_weight=0``). Sampling variants (50 DDIM
 steps, the default until 0.1.0 when these tables were made, unless the variant says otherwise): DDIM 50 / 200 / 5
 / 2 / 1 steps (1 is the default now), DDPM 50 steps, the released truncated DDIM (``start_time=100``), guidance 0
 and 1, ``x0_bound="auto"`` (the default since it was measured here) and ``x0_bound=None`` (released, uncapped),
-``init="control"`` from ``start_time=300``, ``counts=True`` (with guidance 0.5 and 0); and at the package
+``counts=True`` (with guidance 0.5 and 0); and at the package
 defaults (one step): ``one_step``, ``one_step_guidance0``, ``transport`` and ``transport_guidance0``
 (``transport="quantile"``).
 Scored with ``tl.evaluate`` (PCA of the training cells) against the real held-out cells,
@@ -63,7 +60,6 @@ SAMPLING = {
     "guidance1": {"n_steps": 50, "guidance_scale": 1.0},
     "x0_bound_auto": {"n_steps": 50, "x0_bound": "auto"},
     "x0_bound_none": {"n_steps": 50, "x0_bound": None},  # the released, uncapped sampler
-    "init_control_t300": {"n_steps": 50, "init": "control", "start_time": 300},
     "counts": {"n_steps": 50, "counts": True},
     "counts_guidance0": {"n_steps": 50, "counts": True, "guidance_scale": 0.0},
     "one_step": {},  # the package defaults (one DDIM step, guidance 0.5)
@@ -82,12 +78,6 @@ TRAINING = {
     "edm": {"preconditioning": "edm"},
     "edm_abar": {"preconditioning": "edm", "energy_weighting": "abar"},
     "edm_energy_0": {"preconditioning": "edm", "energy_weight": 0.0},
-    "edm_shrink": {"preconditioning": "edm_shrink"},
-    "edm_shrink_abar": {"preconditioning": "edm_shrink", "energy_weighting": "abar"},
-    "edm_shrink_energy_0": {"preconditioning": "edm_shrink", "energy_weight": 0.0},
-    "energy_pcs_50": {"energy_pcs": 50},
-    "pairing_ot": {"pairing": "ot"},
-    "high_noise_0.5": {"p_high_noise": 0.5},
 }
 HELD_OUT_TYPE = "CD4T"
 

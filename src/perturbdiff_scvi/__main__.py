@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         "--transport",
         choices=["none", "quantile"],
         default=None,
-        help="OutputOptions(transport=) of predict_population: 'quantile' returns the control cells moved gene by gene onto the "
+        help="OutputOptions(transport=) of predict_population: 'quantile' returns control cells moved gene by gene "
+        "onto the "
         "generated distributions (default: none)",
     )
     args = parser.parse_args(argv)

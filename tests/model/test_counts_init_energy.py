@@ -1,4 +1,5 @@
-"""``predict_population(counts=True)``, ``init="control"`` and ``energy_weighting="abar"``."""
+"""``predict_population(counts=True)``, ``energy_weighting="abar"``, ``preconditioning="edm"``; the removed
+``init="control"`` and ``preconditioning="edm_shrink"``."""
 
 from __future__ import annotations
 
@@ -77,37 +78,11 @@ def test_counts_from_control_adata(counts_model):
     assert pred.layers["counts"].sum(1).min() >= 3 * np.asarray(counts_model.adata.layers["counts"].sum(1)).min()
 
 
-def test_init_control_starts_from_noised_controls(trained_model):
-    model = trained_model
-    kw = {"contexts": "c0", "batches": "b0", "n_cells": 16, "seed": 0}
-    a = model.predict_population("A", **kw, init="control", start_time=20, n_steps=50)
-    b = model.predict_population("A", **kw)
-    assert a.uns["perturbdiff"]["init"] == "control" and a.uns["perturbdiff"]["n_steps"] == 20  # min(50, 20)
-    assert not np.allclose(a.X, b.X)
-    one = model.predict_population("A", **kw, init="control", start_time=20)  # default n_steps: one denoising
-    assert one.uns["perturbdiff"]["n_steps"] == 1 and not np.allclose(one.X, a.X)
-    with pytest.raises(ValueError, match="init must be 'noise'"):
-        model.predict_population("A", contexts="c0", n_cells=8, init="data")
+def test_init_was_removed_and_start_time_stays_for_the_truncated_sampler(trained_model):
+    with pytest.raises(TypeError, match="no longer takes init=: removed in 0.2.0"):
+        trained_model.predict_population("A", contexts="c0", n_cells=8, init="control")
     with pytest.raises(ValueError, match="start_time=20 only applies"):
-        model.predict_population("A", contexts="c0", n_cells=8, start_time=20)
-
-
-def test_init_control_at_t1_returns_one_denoising_of_the_controls(trained_model):
-    """start_time=1: one step from controls noised to t = 0, i.e. the denoiser's estimate of (nearly) them."""
-    from perturbdiff_scvi.diffusion import GaussianDiffusion, sample_loop
-
-    diffusion = GaussianDiffusion(100)
-    x_start = torch.rand(2, 4, 3)
-    seen = {}
-
-    def denoise(x_t, t, self_cond, drop):
-        seen["x_t"], seen["t"] = x_t.clone(), t.clone()
-        return x_t
-
-    sample_loop(denoise, diffusion, (2, 4, 3), sampler="ddim", start_time=1, x_start=x_start, guidance_scale=0.0)
-    assert int(seen["t"][0]) == 0
-    abar = float(diffusion.alphas_cumprod[0])
-    assert torch.allclose(seen["x_t"].mean(), abar**0.5 * x_start.mean(), atol=0.05)
+        trained_model.predict_population("A", contexts="c0", n_cells=8, start_time=20)
 
 
 def test_energy_weighting_abar_scales_the_energy_term(setup_adata):
@@ -161,49 +136,11 @@ def test_edm_preconditioning_passes_the_state_through_at_low_noise(setup_adata):
         PerturbDiff(setup_adata, **TINY, preconditioning="edm", sigma_data=-1.0)
 
 
-def test_edm_shrink_keeps_zero_genes_zero_and_trains_its_thresholds(setup_adata, tmp_path):
+def test_edm_shrink_was_removed(setup_adata):
     from perturbdiff_scvi import PerturbDiff
 
-    model = PerturbDiff(setup_adata, **TINY, preconditioning="edm_shrink")
-    module = model.module
-    assert module.denoiser.log_threshold.shape == (setup_adata.n_vars,)
-    assert module.ema.log_threshold.shape == (setup_adata.n_vars,)  # the EMA copy averages it too
-
-    class ZeroNet(torch.nn.Module):  # network output 0: only the (thresholded) skip path remains
-        def __init__(self, log_threshold):
-            super().__init__()
-            self.log_threshold = torch.nn.Parameter(log_threshold)
-
-        def forward(self, x_t, t, *condition):
-            return torch.zeros_like(x_t)
-
-    net = ZeroNet(torch.zeros(4))
-    t = torch.tensor([2, 2])  # low noise (sigma ~ 0.1 of the 100-step schedule): c_skip ~ 1
-    abar = float(module.diffusion.alphas_cumprod[2])
-    sigma = ((1 - abar) / abar) ** 0.5
-    zero_gene = torch.tensor([0.5, -0.5, 2.0, -2.0]) * sigma * abar**0.5  # noise of a zero gene, in x_t units
-    x_t = torch.stack([zero_gene, zero_gene + 3.0 * abar**0.5]).expand(2, 2, 4).contiguous()
-    out = module._x0(net, x_t, t)
-    assert torch.all(out[:, 0, :2] == 0) and torch.all(out[:, 0, 3] == 0)  # noise under k = 1 sigma: exactly 0
-    assert torch.all(out[:, 0, 2] > 0)  # 2 sigma stands out of the noise at k = 1 ...
-    net.log_threshold.data.fill_(np.log(3.0))
-    assert torch.all(module._x0(net, x_t, t)[:, 0] == 0)  # ... but not at k = 3
-    plain = PerturbDiff(setup_adata, **TINY, preconditioning="edm").module._x0(lambda x, t, *c: 0 * x, x_t, t)
-    assert torch.all(plain[:, 0, 0] > 0)  # plain EDM passes that noise through
-    torch.testing.assert_close(module._x0(net, x_t, t)[:, 1], plain[:, 1] - 3.0 * sigma * _c_skip(module, 2))
-
-    before = module.denoiser.log_threshold.detach().clone()
-    model.train(**TINY_TRAIN)
-    assert not torch.equal(module.denoiser.log_threshold.detach(), before)  # learned
-    model.save(tmp_path / "m", overwrite=True)
-    loaded = PerturbDiff.load(tmp_path / "m", adata=setup_adata)
-    torch.testing.assert_close(loaded.module.ema.log_threshold, module.ema.log_threshold)
-
-
-def _c_skip(module, t: int) -> float:
-    abar = float(module.diffusion.alphas_cumprod[t])
-    sigma2 = (1 - abar) / abar
-    return module.sigma_data**2 / (sigma2 + module.sigma_data**2)
+    with pytest.raises(ValueError, match="preconditioning='edm_shrink' was removed in 0.2.0"):
+        PerturbDiff(setup_adata, **TINY, preconditioning="edm_shrink")
 
 
 def test_progress_bar_flag(trained_model, monkeypatch):

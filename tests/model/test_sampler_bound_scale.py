@@ -45,11 +45,14 @@ def _legacy_sample(module, x_ctrl, pert, ctx, batch, *, n_steps, guidance_scale,
     return x_t * scale
 
 
-def test_module_sample_defaults_equal_the_previous_loop(trained_model):
+@pytest.mark.parametrize("options", [{}, {"n_steps": 50, "guidance_scale": 1.0}])
+def test_module_sample_equals_the_previous_loop(trained_model, options):
+    # {}: the defaults, shared with predict_population (DEFAULT_N_STEPS = 1, DEFAULT_GUIDANCE_SCALE = 0.5);
+    # the second: the module's defaults until 0.2.0
     module = trained_model.module
     x_ctrl = torch.rand(2, module.set_size, 30, generator=torch.Generator().manual_seed(5))
     codes = torch.tensor([1, 0])
-    new = module.sample(x_ctrl, codes, codes, codes, generator=torch.Generator().manual_seed(9))
+    new = module.sample(x_ctrl, codes, codes, codes, generator=torch.Generator().manual_seed(9), **options)
     with torch.inference_mode():
         old = _legacy_sample(
             module,
@@ -57,8 +60,8 @@ def test_module_sample_defaults_equal_the_previous_loop(trained_model):
             codes,
             codes,
             codes,
-            n_steps=50,
-            guidance_scale=1.0,
+            n_steps=options.get("n_steps", 1),
+            guidance_scale=options.get("guidance_scale", 0.5),
             generator=torch.Generator().manual_seed(9),
         )
     assert torch.equal(new, old)

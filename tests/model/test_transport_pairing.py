@@ -1,17 +1,13 @@
-"""transport="quantile" (control cells onto the generated marginals) and the training options pairing="ot",
+"""transport="quantile" (control cells onto the generated marginals); the removed training options pairing,
 energy_pcs and p_high_noise."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from _helpers import TINY, TINY_TRAIN
+from _helpers import TINY
 
-from perturbdiff_scvi.model._ranges import principal_axes
 from perturbdiff_scvi.model._transport import quantile_transport
-from perturbdiff_scvi.module import energy_distance
-from perturbdiff_scvi.module._module import PerturbDiffModule, ot_paired
 
 
 # ----------------------------------------------------------------- quantile transport
@@ -61,87 +57,14 @@ def test_predict_transport_rejects_unknown_values(trained_model):
         trained_model.predict_population("A", contexts="c0", n_cells=4, transport="ot", progress_bar=False)
 
 
-# ----------------------------------------------------------------- training options
-def test_ot_paired_reorders_each_set_to_the_cheapest_matching():
-    g = torch.Generator().manual_seed(0)
-    x_ctrl = torch.rand(3, 8, 5, generator=g)
-    perm = torch.stack([torch.randperm(8, generator=g) for _ in range(3)])
-    x0 = torch.gather(x_ctrl + 0.01, 1, perm[:, :, None].expand(-1, -1, 5))  # shuffled near-copies
-    paired = ot_paired(x0, x_ctrl)
-    torch.testing.assert_close(paired, x_ctrl + 0.01)  # each target back next to its own control cell
-    # a permutation of each set: the same cells, so the set-level energy is unchanged
-    torch.testing.assert_close(energy_distance(paired, x_ctrl), energy_distance(x0, x_ctrl))
-
-
-def _tiny_module(**kwargs) -> PerturbDiffModule:
-    torch.manual_seed(0)
-    cfg = {"set_size": 4, "n_hidden": 16, "depth": 1, "n_heads": 2, "n_cov": 8, "n_timesteps": 100}
-    return PerturbDiffModule(6, 2, 1, 1, **{**cfg, **kwargs})
-
-
-def test_p_high_noise_one_draws_only_the_top_tenth_of_timesteps():
-    module = _tiny_module(p_high_noise=1.0)
-    x = torch.rand(64, 4, 6)
-    codes = torch.zeros(64, dtype=torch.long)
-    out = module.generative(x, x, codes + 1, codes, codes, torch.zeros(64, dtype=torch.bool))
-    assert out["t"].min() >= 90 and out["t"].max() <= 99
-    out = _tiny_module().generative(x, x, codes + 1, codes, codes, torch.zeros(64, dtype=torch.bool))
-    assert out["t"].min() < 90  # uniform otherwise
-
-
-def test_principal_axes_are_the_top_directions():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(500, 8)) * np.array([5.0, 3.0, 1, 1, 1, 1, 1, 1])
-    axes = principal_axes(x, 2)
-    assert axes.shape == (8, 2)
-    np.testing.assert_allclose(axes.T @ axes, np.eye(2), atol=1e-5)
-    np.testing.assert_allclose(np.abs(axes[:2]), np.eye(2), atol=0.1)
-
-
-def test_energy_pcs_fills_a_stored_basis_and_uses_it(setup_adata, tmp_path):
+# ----------------------------------------------------------------- removed training options
+@pytest.mark.parametrize("kwargs", [{"pairing": "ot"}, {"p_high_noise": 0.5}, {"energy_pcs": 3}])
+def test_removed_training_options_are_a_clear_error(setup_adata, kwargs):
     from perturbdiff_scvi import PerturbDiff
 
-    model = PerturbDiff(setup_adata, energy_pcs=3, **TINY)
-    basis = model.module.energy_basis
-    assert basis.shape == (setup_adata.n_vars, 3)
-    torch.testing.assert_close(basis.T @ basis, torch.eye(3), atol=1e-4, rtol=0)
-    model.train(**TINY_TRAIN)
-    model.save(tmp_path / "m", save_anndata=True)
-    loaded = PerturbDiff.load(tmp_path / "m")
-    torch.testing.assert_close(loaded.module.energy_basis, model.module.energy_basis)
-    # the loss's energy is the energy of the projected sets
-    module = model.module.eval()
-    g = torch.Generator().manual_seed(0)
-    x0, x0_hat = torch.rand(2, 4, setup_adata.n_vars, generator=g), torch.rand(2, 4, setup_adata.n_vars, generator=g)
-    out = module.loss({}, {"x0": x0}, {"x0_hat": x0_hat, "t": torch.zeros(2, dtype=torch.long)})
-    expected = 0.5 * energy_distance(x0_hat @ basis, x0 @ basis)
-    torch.testing.assert_close(out.extra_metrics["energy"], expected.mean())
-
-
-@pytest.mark.parametrize(
-    "kwargs,match",
-    [
-        ({"pairing": "hungarian"}, "pairing must be"),
-        ({"p_high_noise": 1.5}, "p_high_noise"),
-        ({"energy_pcs": -1}, "energy_pcs"),
-        ({"energy_pcs": 2.5}, "energy_pcs"),
-        ({"energy_pcs": 10_000}, "energy_pcs=10000 exceeds"),
-    ],
-)
-def test_training_options_reject_bad_values(setup_adata, kwargs, match):
-    from perturbdiff_scvi import PerturbDiff
-
-    with pytest.raises(ValueError, match=match):
+    (key,) = kwargs
+    with pytest.raises(TypeError, match=f"no longer takes {key}=: removed in 0.2.0"):
         PerturbDiff(setup_adata, **{**TINY, **kwargs})
-
-
-def test_pairing_ot_trains(setup_adata):
-    from perturbdiff_scvi import PerturbDiff
-
-    model = PerturbDiff(setup_adata, pairing="ot", **TINY)
-    model.train(**TINY_TRAIN)
-    assert model.module.pairing == "ot"
-    assert np.isfinite(model.history["train_loss"].to_numpy(dtype=float)).all()
 
 
 def test_transport_draws_distinct_control_cells_even_from_repeated_conditioning_rows():

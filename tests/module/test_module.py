@@ -189,3 +189,39 @@ def test_sample_uses_ema_and_input_scale():
     torch.testing.assert_close(ema_out, torch.full((2, S, G), 5.0))  # (1 + w) 0.5 - w 0.5, times input_scale
     live_out = module.sample(*args, n_steps=2, generator=_gen(0), use_ema=False)
     assert not torch.allclose(live_out, ema_out)
+
+
+def test_sample_defaults_are_the_shared_prediction_defaults():
+    """``module.sample`` and ``PerturbDiff.predict_population`` share one default set (diffusion/_defaults.py)."""
+    import inspect
+
+    from perturbdiff_scvi.diffusion import DEFAULT_GUIDANCE_SCALE, DEFAULT_N_STEPS
+
+    params = inspect.signature(PerturbDiffModule.sample).parameters
+    assert params["n_steps"].default == DEFAULT_N_STEPS == 1
+    assert params["guidance_scale"].default == DEFAULT_GUIDANCE_SCALE == 0.5
+    module = _module()
+    _randomise(module.ema)
+    args = _sample_inputs()
+    explicit = module.sample(*args, n_steps=1, guidance_scale=0.5, generator=_gen(0))
+    assert torch.equal(module.sample(*args, generator=_gen(0)), explicit)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"preconditioning": "edm_shrink"}, "preconditioning must be 'none' or 'edm'; got 'edm_shrink'"),
+        ({"pairing": "ot"}, "pairing"),
+        ({"p_high_noise": 0.5}, "p_high_noise"),
+        ({"energy_pcs": 3}, "energy_pcs"),
+    ],
+)
+def test_removed_options_are_rejected(kwargs, error):
+    with pytest.raises((ValueError, TypeError), match=error):
+        _module(**kwargs)
+
+
+def test_sample_has_no_init_option():
+    module = _module()
+    with pytest.raises(TypeError, match="init"):
+        module.sample(*_sample_inputs(), init="control")

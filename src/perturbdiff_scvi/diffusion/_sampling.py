@@ -66,29 +66,22 @@ def reverse_timesteps(
     n_timesteps: int,
     n_steps: int = 50,
     start_time: int | None = None,
-    *,
-    from_data: bool = False,
 ) -> np.ndarray:
     """The timesteps a sampler visits, in descending order.
 
     ``"ddim"`` / ``"ddpm"``: ``n_steps`` steps strided over the full schedule (``start_time`` must be
-    ``None``), or, with ``from_data=True`` (the chain starts from noised data, see ``x_start`` of
-    :func:`sample_loop_progressive`), ``min(n_steps, start_time)`` steps strided over ``start_time - 1, ..., 0``
-    (``start_time=None``: the full schedule). ``"ddim_truncated"``: every timestep ``start_time - 1, ..., 0``
+    ``None``). ``"ddim_truncated"``: every timestep ``start_time - 1, ..., 0``
     one at a time (``n_steps`` is not used); ``start_time=None`` is the released 100 (at most ``n_timesteps``).
     """
     if not isinstance(sampler, str) or sampler not in SAMPLER_NAMES:
         raise ValueError(f"sampler must be {sampler_choices()}; got {sampler!r}.")
     if sampler != "ddim_truncated":
-        if start_time is None:
-            return space_timesteps(n_timesteps, n_steps)
-        if not from_data:
+        if start_time is not None:
             raise ValueError(
-                f"start_time only applies to sampler='ddim_truncated' or to init='control'; sampler={sampler!r} "
+                f"start_time only applies to sampler='ddim_truncated'; sampler={sampler!r} "
                 "strides n_steps steps over the whole schedule. Leave start_time=None."
             )
-        start_time = _check_start_time(start_time, n_timesteps)
-        return space_timesteps(start_time, min(n_steps, start_time))
+        return space_timesteps(n_timesteps, n_steps)
     if start_time is None:
         start_time = min(RELEASED_START_TIME, n_timesteps)
     start_time = _check_start_time(start_time, n_timesteps)
@@ -108,7 +101,6 @@ def sample_loop_progressive(
     start_time: int | None = None,
     x0_max: torch.Tensor | float | None = None,
     step_callback: StepCallback | None = None,
-    x_start: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(t, x0_estimate)`` at each step from pure noise to ``t = 0``.
 
@@ -123,19 +115,12 @@ def sample_loop_progressive(
 
     Guidance and self-conditioning are the same for all three: two passes (conditional, null covariates) per
     step when ``guidance_scale != 0``, and the previous step's clean estimate fed back (zeros at the first).
-    ``x_start`` (not in the released method; shape ``shape``) starts the chain from data noised to the first
-    visited timestep, ``q(x_t | x_start)``, instead of from pure noise (SDEdit, Meng et al. 2022); with the
-    matched control set as ``x_start`` the generated cells keep the control cells' structure where the
-    perturbation does not change it, and ``start_time`` sets how far they may move.
     ``x0_max`` caps each step's estimate (see :func:`guided_x0`). ``step_callback(t, x_t, x0)``, if given, sees
     each step's input state and estimate (e.g. a :class:`~perturbdiff_scvi.diffusion.RangeMonitor`).
     Noise is drawn on the CPU from ``generator`` so that a seed gives the same sample on any device.
     """
-    timesteps = reverse_timesteps(sampler, diffusion.n_timesteps, n_steps, start_time, from_data=x_start is not None)
+    timesteps = reverse_timesteps(sampler, diffusion.n_timesteps, n_steps, start_time)
     x_t = torch.randn(shape, generator=generator).to(device)
-    if x_start is not None:
-        t_first = torch.full((shape[0],), int(timesteps[0]), device=device, dtype=torch.long)
-        x_t = diffusion.q_sample(x_start.to(device=device, dtype=x_t.dtype), t_first, x_t)
     self_cond = torch.zeros_like(x_t)
     for i, t in enumerate(timesteps.tolist()):
         t_prev = int(timesteps[i + 1]) if i + 1 < len(timesteps) else -1

@@ -88,24 +88,3 @@ def x0_bound_value(value, training_gene_max: Callable[[], np.ndarray]) -> np.nda
     if value <= 0:
         raise ValueError(f"x0_bound must be > 0 (predictions are capped at it); got {value!r}.")
     return float(value)
-
-
-def principal_axes(matrix, n_axes: int, *, max_cells: int = 10_000, seed: int = 0) -> np.ndarray:
-    """The top ``n_axes`` principal axes ``(G, n_axes)`` (orthonormal columns) of the rows of ``matrix``.
-
-    Fitted on at most ``max_cells`` rows drawn without replacement, centred, by scikit-learn's randomized SVD
-    (seeded: the same data give the same axes).
-    """
-    from sklearn.utils.extmath import randomized_svd
-
-    n = matrix.shape[0]
-    if n_axes > min(n, matrix.shape[1]):
-        raise ValueError(
-            f"energy_pcs={n_axes} exceeds the number of training cells ({n}) or genes ({matrix.shape[1]}); "
-            "pass a smaller energy_pcs."
-        )
-    rows = np.arange(n) if n <= max_cells else np.sort(np.random.default_rng(seed).choice(n, max_cells, replace=False))
-    x = np.concatenate([dense_rows(matrix, rows[i : i + _CHUNK_ROWS]) for i in range(0, rows.size, _CHUNK_ROWS)])
-    x = x - x.mean(axis=0)
-    _, _, vt = randomized_svd(x, n_axes, random_state=seed)
-    return vt.T.astype(np.float32)

@@ -14,24 +14,16 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from .._constants import PDIFF_KEYS
-from ..diffusion import GaussianDiffusion, StepCallback, sample_loop
+from ..diffusion import DEFAULT_GUIDANCE_SCALE, DEFAULT_N_STEPS, GaussianDiffusion, StepCallback, sample_loop
 from ..nn import SetDiT
-from ._losses import _full_precision, energy_distance, per_set_mse
-
-
-@torch.no_grad()
-def ot_paired(x0: torch.Tensor, x_ctrl: torch.Tensor) -> torch.Tensor:
-    """``x0`` ``(B, S, G)`` with the cells of each set reordered so that cell ``i`` is the optimal one-to-one
-    match (squared Euclidean cost) of control cell ``i`` of ``x_ctrl`` ``(B, S, G)``."""
-    from scipy.optimize import linear_sum_assignment
-
-    cost = torch.cdist(x_ctrl.float(), x0.float()).pow(2).cpu().numpy()
-    order = torch.stack([torch.as_tensor(linear_sum_assignment(c)[1]) for c in cost]).to(x0.device)
-    return torch.gather(x0, 1, order[:, :, None].expand_as(x0))
+from ._losses import energy_distance, per_set_mse
 
 
 class PerturbDiffModule(BaseModuleClass):
     """Set diffusion over cell populations (Yuan et al. 2026), x0-parameterised, with EMA weights.
+
+    As released, the target cells of a training set meet the tokens of its control cells as drawn (the per-cell
+    MSE compares token ``i``'s estimate with target cell ``i``), and each set's timestep is drawn uniformly.
 
     Parameters
     ----------
@@ -60,10 +52,6 @@ class PerturbDiffModule(BaseModuleClass):
         runs use ``normalize_counts=10``; 1 by default here).
     energy_weight, mse_weight
         Loss = ``mse_weight * MSE + energy_weight * energy``, energy being half the energy distance.
-    energy_pcs
-        ``0`` (released): the energy distance is computed over the genes. ``k > 0``: over the cells projected on
-        the buffer ``energy_basis`` ``(n_genes, k)`` (zeros until filled, e.g. by the model with the top ``k``
-        principal axes of the training cells; it is part of the ``state_dict``).
     energy_weighting
         ``"constant"`` (released): the energy term has the same weight at every timestep. ``"abar"``: it is
         multiplied by ``abar_t`` of each set's timestep, so it acts where ``x0`` is nearly determined by ``x_t``
@@ -74,21 +62,7 @@ class PerturbDiffModule(BaseModuleClass):
         ``c_skip = sigma_data^2 / (sigma^2 + sigma_data^2)`` and ``c_out = sigma sigma_data / sqrt(sigma^2 +
         sigma_data^2)``, so that at low noise the estimate passes the state through instead of rebuilding every
         gene of every cell from the ``n_hidden``-wide token. ``sigma_data``: standard deviation of the data in
-        diffusion units. ``"edm_shrink"``: the same with a learned per-gene soft threshold on the skip path,
-        ``x0 = relu(c_skip (x_t / sqrt(abar) - k_g sigma) + c_out F)``, ``k_g = exp(denoiser.log_threshold_g)``
-        (initially 1): the skip connection then passes a gene only where it stands out of the noise level
-        ``sigma``, so that the exact zeros of sparse data stay zero instead of passing the residual noise through
-        (the token of a cell is too narrow to cancel the noise of each gene).
-    pairing
-        How the target cells of a training set meet the tokens of its control cells (the per-cell MSE compares
-        token ``i``'s estimate with target cell ``i``). ``"random"`` (released): as drawn, so the MSE optimum of
-        every token is the set's mean. ``"ot"``: the target cells are first reordered by the optimal one-to-one
-        assignment to the control cells (squared Euclidean cost, :func:`scipy.optimize.linear_sum_assignment`
-        per set), so that token ``i``'s target is the perturbed cell closest to its control cell (mini-batch OT
-        pairing, as in OT flow matching).
-    p_high_noise
-        Share of training sets whose timestep is drawn from the top tenth of the schedule (``t >= 0.9 T``)
-        instead of uniformly (0 as released). The one-step sampler evaluates the denoiser only at ``t = T - 1``.
+        diffusion units.
     p_drop_cond
         Probability per set of replacing the covariates by the null embedding (classifier-free guidance).
     p_self_cond
@@ -119,30 +93,26 @@ class PerturbDiffModule(BaseModuleClass):
         energy_weight: float = 1.0,
         mse_weight: float = 1.0,
         energy_weighting: Literal["constant", "abar"] = "constant",
-        energy_pcs: int = 0,
-        preconditioning: Literal["none", "edm", "edm_shrink"] = "none",
+        preconditioning: Literal["none", "edm"] = "none",
         sigma_data: float = 1.0,
-        pairing: Literal["random", "ot"] = "random",
-        p_high_noise: float = 0.0,
         p_drop_cond: float = 0.2,
         p_self_cond: float = 0.5,
         ema_decay: float = 0.99,
         ema_every: int = 1,
     ):
         super().__init__()
+        if preconditioning not in ("none", "edm"):
+            raise ValueError(f"preconditioning must be 'none' or 'edm'; got {preconditioning!r}.")
         self.n_genes = n_genes
         self.set_size = set_size
         self.input_scale = input_scale
         self.energy_weight = energy_weight
         self.mse_weight = mse_weight
         self.energy_weighting = energy_weighting
-        self.energy_pcs = int(energy_pcs)
         self.preconditioning = preconditioning
         self.sigma_data = float(sigma_data)
         self.p_drop_cond = p_drop_cond
         self.p_self_cond = p_self_cond
-        self.pairing = pairing
-        self.p_high_noise = float(p_high_noise)
         self.ema_decay = ema_decay
         self.ema_every = ema_every
         self.denoiser = SetDiT(
@@ -159,17 +129,11 @@ class PerturbDiffModule(BaseModuleClass):
             nonnegative=preconditioning == "none",
             perturbation_features=perturbation_features,
         )
-        if preconditioning == "edm_shrink":  # on the denoiser, so that the EMA copy averages it too
-            self.denoiser.register_parameter("log_threshold", torch.nn.Parameter(torch.zeros(n_genes)))
         self.ema = copy.deepcopy(self.denoiser).requires_grad_(False)
         if perturbation_components is not None:
             self.register_buffer("perturbation_components", torch.as_tensor(perturbation_components, dtype=torch.long))
         else:
             self.perturbation_components = None
-        if self.energy_pcs:
-            self.register_buffer("energy_basis", torch.zeros(n_genes, self.energy_pcs))
-        else:
-            self.energy_basis = None
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         self.diffusion = GaussianDiffusion(n_timesteps, beta_schedule)
 
@@ -183,10 +147,7 @@ class PerturbDiffModule(BaseModuleClass):
         sd2 = self.sigma_data**2
         c_skip = sd2 / (sigma2 + sd2)
         c_out = (sigma2 * sd2 / (sigma2 + sd2)).sqrt()
-        skip = x_t / abar.sqrt()
-        if self.preconditioning == "edm_shrink":
-            skip = skip - net.log_threshold.exp().to(x_t.dtype) * sigma2.sqrt()
-        return torch.relu(c_skip * skip + c_out * out)
+        return torch.relu(c_skip * (x_t / abar.sqrt()) + c_out * out)
 
     # ----------------------------------------------------------------- batch layout
     def _unpack(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -238,20 +199,14 @@ class PerturbDiffModule(BaseModuleClass):
         drop_cond: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         """Noise each target set at its own timestep and predict it back (with self-conditioning)."""
-        if self.pairing == "ot":
-            x0 = ot_paired(x0, x_ctrl)
-        n_t = self.diffusion.n_timesteps
-        t = torch.randint(0, n_t, (x0.shape[0],), device=x0.device)  # one t per set
-        if self.p_high_noise:
-            high = torch.rand(x0.shape[0], device=x0.device) < self.p_high_noise
-            t = torch.where(high, torch.randint(int(0.9 * n_t), n_t, t.shape, device=t.device), t)
+        t = torch.randint(0, self.diffusion.n_timesteps, (x0.shape[0],), device=x0.device)  # one t per set
         x_t = self.diffusion.q_sample(x0, t, torch.randn_like(x0))
         self_cond = torch.zeros_like(x0)
         if self.training and torch.rand(()) < self.p_self_cond:  # one coin per step, as released
             with torch.no_grad():
                 self_cond = self._x0(self.denoiser, x_t, t, x_ctrl, pert, ctx, batch, None, drop_cond)
         x0_hat = self._x0(self.denoiser, x_t, t, x_ctrl, pert, ctx, batch, self_cond, drop_cond)
-        return {"x0_hat": x0_hat, "t": t, "x0": x0}
+        return {"x0_hat": x0_hat, "t": t}
 
     def loss(
         self,
@@ -260,15 +215,10 @@ class PerturbDiffModule(BaseModuleClass):
         generative_outputs: dict[str, torch.Tensor],
     ) -> LossOutput:
         """Per set: ``mse_weight * MSE + energy_weight * energy_distance / 2`` (geomloss ``energy``)."""
-        x0 = generative_outputs.get("x0", inference_outputs["x0"])  # reordered by the pairing
+        x0 = inference_outputs["x0"]
         x0_hat = generative_outputs["x0_hat"]
         mse = per_set_mse(x0_hat, x0)  # (B,)
-        if self.energy_basis is not None:  # the energy of the cells' coordinates along the basis
-            ctx, (x0_hat_p, x0_p, basis) = _full_precision(x0_hat, x0, self.energy_basis)
-            with ctx:
-                energy = 0.5 * energy_distance(x0_hat_p @ basis, x0_p @ basis)
-        else:
-            energy = 0.5 * energy_distance(x0_hat, x0)  # (B,)
+        energy = 0.5 * energy_distance(x0_hat, x0)  # (B,)
         weight = self.energy_weight
         if self.energy_weighting == "abar":
             weight = weight * self.diffusion.alphas_cumprod[generative_outputs["t"]].to(energy.dtype)
@@ -301,15 +251,14 @@ class PerturbDiffModule(BaseModuleClass):
         ctx: torch.Tensor,
         batch: torch.Tensor,
         *,
-        n_steps: int = 50,
+        n_steps: int = DEFAULT_N_STEPS,
         sampler: Literal["ddim", "ddpm", "ddim_truncated"] = "ddim",
-        guidance_scale: float = 1.0,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         generator: torch.Generator | None = None,
         use_ema: bool = True,
         start_time: int | None = None,
         x0_max: torch.Tensor | float | None = None,
         step_callback: StepCallback | None = None,
-        init: Literal["noise", "control"] = "noise",
     ) -> torch.Tensor:
         """Generate perturbed sets ``(B, S, G)`` (expression scale) for controls ``x_ctrl`` ``(B, S, G)``.
 
@@ -321,12 +270,11 @@ class PerturbDiffModule(BaseModuleClass):
         units: a float or a per-gene ``(G,)`` tensor; ``None`` = no cap) caps each step's clean estimate, so the
         output lies in ``[0, x0_max]``. ``step_callback(t, x_t, x0)`` sees every step's state and estimate in
         expression units (multiplied back by ``input_scale``), e.g. a
-        :class:`~perturbdiff_scvi.diffusion.RangeMonitor`. ``init="control"`` starts the chain from the control
-        sets noised to the first visited timestep instead of from pure noise (``x_start`` of
-        :func:`~perturbdiff_scvi.diffusion.sample_loop_progressive`).
+        :class:`~perturbdiff_scvi.diffusion.RangeMonitor`. The defaults (``n_steps``, ``guidance_scale``) are those
+        of :meth:`~perturbdiff_scvi.model.PerturbDiff.predict_population`
+        (:data:`~perturbdiff_scvi.diffusion.DEFAULT_N_STEPS`,
+        :data:`~perturbdiff_scvi.diffusion.DEFAULT_GUIDANCE_SCALE`).
         """
-        if init not in ("noise", "control"):
-            raise ValueError(f"init must be 'noise' or 'control'; got {init!r}.")
         net = self.ema if use_ema else self.denoiser
         device = next(net.parameters()).device
         x_ctrl = x_ctrl.to(device) / self.input_scale
@@ -344,8 +292,6 @@ class PerturbDiffModule(BaseModuleClass):
         if x0_max is not None:
             x0_max = torch.as_tensor(x0_max, dtype=x_ctrl.dtype, device=device)
             extra["x0_max"] = x0_max / self.input_scale  # model space
-        if init == "control":
-            extra["x_start"] = x_ctrl
         if step_callback is not None:
             scale = self.input_scale
             extra["step_callback"] = lambda t, x_t, x0: step_callback(t, x_t * scale, x0 * scale)

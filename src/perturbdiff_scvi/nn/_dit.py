@@ -162,7 +162,6 @@ class JointDiTBlock(nn.Module):
     update is skipped, so the block has no control MLP, its control modulation gives only the attention
     shift/scale, the attention projects to the cell stream only, and ``forward`` returns ``(h, None)``.
     These parameters would get no gradient (which multi-device DDP rejects) and never change the output.
-    State dicts of the full layout load into it (see :meth:`_load_from_state_dict`).
     """
 
     def __init__(self, n_hidden: int, n_heads: int, mlp_ratio: float = 4.0, *, update_control: bool = True):
@@ -200,26 +199,6 @@ class JointDiTBlock(nn.Module):
         dhc = update[..., self.n_hidden :]
         hc = hc + cgate_a.unsqueeze(1) * dhc + cgate_m.unsqueeze(1) * mc
         return h, hc
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Accept the full two-stream layout (saved by earlier versions) in a block without the control update.
-
-        The dropped tensors (the control MLP, the control gates and MLP modulation, the control half of the
-        attention projection) never influenced the output of the last block, so outputs are unchanged.
-        """
-        if not self.update_control:
-            for key in [k for k in state_dict if k.startswith(prefix + "mlp_c.")]:
-                del state_dict[key]
-            h = self.n_hidden
-            for name, rows in (("ada_c.linear.weight", 2 * h), ("ada_c.linear.bias", 2 * h)):
-                key = prefix + name
-                if key in state_dict and state_dict[key].shape[0] == 6 * h:
-                    state_dict[key] = state_dict[key][:rows]
-            for name in ("attn.proj.weight", "attn.proj.bias"):
-                key = prefix + name
-                if key in state_dict and state_dict[key].shape[0] == 2 * h:
-                    state_dict[key] = state_dict[key][:h]
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class FinalLayer(nn.Module):

@@ -41,6 +41,7 @@ from diagnose_realism import HELD_OUT_TYPE
 from diagnose_texture import dense, parse_case_args, repairs, trained_cases
 
 from perturbdiff_scvi.metrics import PCAProjection, c2st_auroc, fit_pca
+from perturbdiff_scvi.model import OutputOptions
 from perturbdiff_scvi.model._counts import sample_counts
 
 SUBSETS = {"1-2": (0, 2), "1-5": (0, 5), "1-10": (0, 10), "11-30": (10, 30), "21-30": (20, 30), "1-30": (0, 30)}
@@ -93,7 +94,9 @@ def main(argv=None) -> None:
             pred = model.predict_population(PERT, guidance_scale=g, **kwargs)
             rows[f"pred (guidance {g})"] = dense(pred)
             rows[f"transport (guidance {g})"] = dense(
-                model.predict_population(PERT, guidance_scale=g, transport="quantile", **kwargs)
+                model.predict_population(
+                    PERT, guidance_scale=g, **kwargs, output_options=OutputOptions(transport="quantile")
+                )
             )
             if g == 0.5:
                 oracle = repairs(pred, real, control, np.random.default_rng(seed))

@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from perturbdiff_scvi.model import SamplerOptions
+
 OUT = Path(__file__).parent / "results" / "unseen_perturbations"
 
 
@@ -144,8 +146,10 @@ def run_seed(args, seed: int) -> pd.DataFrame:
     model = pdiff.PerturbDiff(train, set_size=args.set_size, n_hidden=args.n_hidden, n_cov=args.n_cov, depth=2)
     model.train(max_steps=args.max_steps, enable_progress_bar=False, accelerator="cpu")
     t_train = time.time() - t0
-    out = model.predict_population(heldout, contexts=contexts, n_cells=args.cells_per_group, seed=seed,
-                                   progress_bar=False)  # fmt: skip
+    out = model.predict_population(
+        heldout, contexts=contexts, n_cells=args.cells_per_group, seed=seed,
+        sampler_options=SamplerOptions(progress_bar=False),
+    )  # fmt: skip
     for p in heldout:
         preds["PerturbDiff_features"][p] = np.asarray(out[(out.obs["perturbation"] == p).to_numpy()].X)
     for p in heldout:

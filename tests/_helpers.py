@@ -2,14 +2,79 @@
 
 from __future__ import annotations
 
+import contextlib
+import random
+from collections.abc import Iterator
+
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
 # Sizes that keep a whole train -> predict -> save -> load cycle to a few seconds on 2 CPU cores.
-TINY = {"set_size": 8, "n_hidden": 16, "depth": 1, "n_heads": 2, "n_cov": 8, "n_timesteps": 100}
+TINY_SIZES = {"set_size": 8, "n_hidden": 16, "depth": 1, "n_heads": 2, "n_cov": 8}
+TINY_TIMESTEPS = 100
+
+
+def tiny(**kwargs) -> dict:
+    """The ``PerturbDiff`` keywords of the tiny test model: ``TINY_SIZES`` (updated by the sizes in ``kwargs``) and
+    ``options=`` a dict of ``DiffusionOptions`` fields (``n_timesteps=TINY_TIMESTEPS``, updated by the rest)."""
+    sizes = {k: kwargs.pop(k) for k in list(kwargs) if k in TINY_SIZES}
+    return {**TINY_SIZES, **sizes, "options": {"n_timesteps": TINY_TIMESTEPS, **kwargs}}
+
+
+SAMPLER_FIELDS = ("sampler", "start_time", "batch_size", "use_ema", "progress_bar")
+OUTPUT_FIELDS = ("x0_bound", "zero_threshold", "bias_correction", "transport", "counts", "counts_layer")
+
+
+def predict_kwargs(**kwargs) -> dict:
+    """``predict_population`` keywords from one flat dict: the ``SamplerOptions`` and ``OutputOptions`` fields go
+    into ``sampler_options=`` / ``output_options=`` dicts, the rest stay keywords (for parametrised tests)."""
+    sampler = {k: kwargs.pop(k) for k in list(kwargs) if k in SAMPLER_FIELDS}
+    output = {k: kwargs.pop(k) for k in list(kwargs) if k in OUTPUT_FIELDS}
+    return {
+        **kwargs,
+        **({"sampler_options": sampler} if sampler else {}),
+        **({"output_options": output} if output else {}),
+    }
+
+
+TINY = tiny()
 TINY_TRAIN = {"max_steps": 6, "sets_per_batch": 4, "enable_progress_bar": False, "accelerator": "cpu"}
+
+
+@contextlib.contextmanager
+def seeded(seed: int = 0) -> Iterator[None]:
+    """Run the block with ``scvi.settings.seed = seed`` (python, numpy and torch seeded, and the seed the data
+    splitter falls back to), then put the global RNG states and ``scvi.settings.seed`` back as they were.
+
+    A model built and trained inside gets the same weights whatever ran before it, and the tests that run after it
+    see the RNG states they would have seen without it.
+    """
+    import scvi
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    previous = scvi.settings.seed
+    try:
+        scvi.settings.seed = seed
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+        scvi.settings._seed = previous  # the setter would reseed every RNG
+
+
+def train_tiny_model(adata: AnnData, seed: int = 0, model_kwargs: dict | None = None, **train_kwargs):
+    """A ``PerturbDiff`` with ``TINY`` (updated by ``model_kwargs``) on a set-up ``adata``, trained with
+    ``TINY_TRAIN`` (updated by ``train_kwargs``) inside :func:`seeded`: the same weights on every call."""
+    from perturbdiff_scvi import PerturbDiff
+
+    with seeded(seed):
+        model = PerturbDiff(adata, **tiny(**(model_kwargs or {})))
+        model.train(**{**TINY_TRAIN, **train_kwargs})
+    return model
 
 
 def make_perturbation_adata(

@@ -1,9 +1,26 @@
-"""Shared fixtures. scvi-tools is imported once per session (it costs ~10 s)."""
+"""Shared fixtures. scvi-tools is imported once per session (it costs ~10 s).
+
+Which model fixture to use:
+
+``shared_model`` (module scope)
+    One tiny model (``TINY``, ``TINY_TRAIN``, seed 0) trained on a fresh ``make_perturbation_adata()`` set up with
+    ``perturbation_key="pert"``, ``control_value="ctrl"``, ``context_key="ctx"``, ``batch_key="batch"``; built once
+    per test module, inside :func:`_helpers.seeded`, so its weights are the same in every module and whatever ran
+    before, and the global RNG states are left as they were. Its training data is ``shared_model.adata``.
+    For tests that only READ the model: predict (with an explicit ``seed``), embed, inspect, save it elsewhere.
+    A ``monkeypatch.setattr`` on it is fine (undone after the test). Do not train it further, load weights into it,
+    change its registry, its settings or ``shared_model.adata``: the next tests of the module would see it.
+
+``trained_model`` / ``setup_adata`` / ``adata`` (function scope)
+    The same recipe, built for each test: use them when the test changes the model or its data.
+"""
 
 from __future__ import annotations
 
 import pytest
-from _helpers import TINY, TINY_TRAIN, make_perturbation_adata
+from _helpers import TINY, TINY_TRAIN, make_perturbation_adata, train_tiny_model
+
+KEYS = {"perturbation_key": "pert", "control_value": "ctrl", "context_key": "ctx", "batch_key": "batch"}
 
 
 @pytest.fixture(scope="session")
@@ -23,9 +40,7 @@ def adata():
 def setup_adata(scvi_module, adata):
     from perturbdiff_scvi import PerturbDiff
 
-    PerturbDiff.setup_anndata(
-        adata, perturbation_key="pert", control_value="ctrl", context_key="ctx", batch_key="batch"
-    )
+    PerturbDiff.setup_anndata(adata, **KEYS)
     return adata
 
 
@@ -36,3 +51,24 @@ def trained_model(setup_adata):
     model = PerturbDiff(setup_adata, **TINY)
     model.train(**TINY_TRAIN)
     return model
+
+
+@pytest.fixture(scope="module")
+def shared_model(scvi_module):
+    """A trained tiny model shared by the tests of a module that only read it (see the module docstring)."""
+    import torch
+
+    from perturbdiff_scvi import PerturbDiff
+
+    data = make_perturbation_adata()
+    PerturbDiff.setup_anndata(data, **KEYS)
+    model = train_tiny_model(data, seed=0)
+    weights = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+    history = {k: v.copy() for k, v in model.history.items()}
+    yield model
+    # A test that changed the shared model makes the rest of its module check another model: say so.
+    changed = [k for k, v in model.module.state_dict().items() if not torch.equal(v, weights[k])]
+    assert not changed, f"a test changed the weights of shared_model: {changed[:5]}; use trained_model"
+    assert set(model.history) == set(history) and all(model.history[k].equals(v) for k, v in history.items()), (
+        "a test trained shared_model further; use trained_model"
+    )

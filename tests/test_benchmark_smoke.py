@@ -13,6 +13,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
 
 
+@pytest.mark.slow  # trains and evaluates 3 jobs in 2 spawned workers, twice
 @pytest.mark.skipif(not SCRIPT.exists(), reason="benchmarks/ is not shipped in the sdist")
 def test_quick_benchmark_writes_tables_figures_and_targets(tmp_path):
     out = tmp_path / "bench"
@@ -155,6 +156,7 @@ def test_pool_results_renames_pools_and_refuses_duplicates(tmp_path):
 CALIBRATION = SCRIPT.parent / "calibration.py"
 
 
+@pytest.mark.slow  # a subprocess that trains on real data
 @pytest.mark.skipif(not CALIBRATION.exists(), reason="benchmarks/ is not shipped in the sdist")
 def test_calibration_benchmark_learns_conformal_intervals_on_other_types(tmp_path):
     """Two folds per seed (targets, calibration types); conformal coverage rows and the learnt multipliers."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # 1000 training steps on real data
+
 N_GENES = 1000  # HVGs of the training cells
 STEPS = 1000  # about 2 minutes on 2 CPU cores with the default model
 

@@ -11,6 +11,7 @@ from importlib.metadata import version
 import pytest
 
 
+@pytest.mark.slow  # the whole quickstart on the bundled Kang data
 def test_quickstart_cli_writes_outputs(scvi_module, tmp_path, capsys):
     import anndata as ad
     import numpy as np

@@ -13,6 +13,7 @@ from anndata import AnnData
 
 from perturbdiff_scvi._constants import PDIFF_KEYS
 from perturbdiff_scvi.data import SetDataSplitter, registered_codes
+from perturbdiff_scvi.model import DiffusionOptions
 
 S = 4
 KEYS = {"perturbation_key": "pert", "control_value": "ctrl", "context_key": "ctx", "batch_key": "batch"}
@@ -64,7 +65,9 @@ def registered(scvi_module):
 
     adata = _encoded_adata()
     PerturbDiff.setup_anndata(adata, **KEYS)
-    model = PerturbDiff(adata, set_size=S, n_hidden=16, depth=1, n_heads=2, n_cov=8, n_timesteps=20)
+    model = PerturbDiff(
+        adata, set_size=S, n_hidden=16, depth=1, n_heads=2, n_cov=8, options=DiffusionOptions(n_timesteps=20)
+    )
     return adata, model
 
 
@@ -146,7 +149,13 @@ def test_training_batches_reach_the_denoiser_as_matched_sets(registered):
 
     adata, _ = registered
     model = PerturbDiff(
-        adata, set_size=S, n_hidden=16, depth=1, n_heads=2, n_cov=8, n_timesteps=20, input_scale=2.0, p_self_cond=0.0
+        adata,
+        set_size=S,
+        n_hidden=16,
+        depth=1,
+        n_heads=2,
+        n_cov=8,
+        options=DiffusionOptions(n_timesteps=20, input_scale=2.0, p_self_cond=0.0),
     )
     seen = []
     model.module.denoiser.register_forward_hook(lambda net, args, out: seen.append([a.detach() for a in args[:6]]))

@@ -6,19 +6,22 @@ import numpy as np
 import pytest
 import torch
 
+from perturbdiff_scvi.model import OutputOptions
+
 
 def _mean(x) -> np.ndarray:
     return np.asarray(x.mean(axis=0)).ravel()
 
 
-def test_bias_correction_moves_generated_controls_onto_real_controls(trained_model, setup_adata):
+def test_bias_correction_moves_generated_controls_onto_real_controls(shared_model):
     # An under-trained model regenerates the controls of a context with a clear per-gene error; the
     # correction estimates that error from the same control draws and removes it.
     kwargs = {"contexts": "c0", "batches": "b0", "n_cells": 256, "seed": 0, "n_steps": 10}
-    plain = trained_model.predict_population("ctrl", **kwargs)
-    corrected = trained_model.predict_population("ctrl", bias_correction=True, **kwargs)
-    obs = setup_adata.obs
-    real = _mean(setup_adata[(obs["pert"] == "ctrl") & (obs["ctx"] == "c0") & (obs["batch"] == "b0")].X)
+    plain = shared_model.predict_population("ctrl", **kwargs)
+    corrected = shared_model.predict_population("ctrl", **kwargs, output_options=OutputOptions(bias_correction=True))
+    data = shared_model.adata
+    obs = data.obs
+    real = _mean(data[(obs["pert"] == "ctrl") & (obs["ctx"] == "c0") & (obs["batch"] == "b0")].X)
     error_plain = np.abs(_mean(plain.X) - real).mean()
     error_corrected = np.abs(_mean(corrected.X) - real).mean()
     assert error_corrected < 0.5 * error_plain, (error_plain, error_corrected)
@@ -27,10 +30,14 @@ def test_bias_correction_moves_generated_controls_onto_real_controls(trained_mod
     assert plain.uns["perturbdiff"]["bias_correction"] is False
 
 
-def test_bias_correction_is_seeded_and_keeps_the_layout(trained_model):
-    a = trained_model.predict_population(["A", "B"], n_cells=5, n_populations=2, seed=3, bias_correction=True)
-    b = trained_model.predict_population(["A", "B"], n_cells=5, n_populations=2, seed=3, bias_correction=True)
-    plain = trained_model.predict_population(["A", "B"], n_cells=5, n_populations=2, seed=3)
+def test_bias_correction_is_seeded_and_keeps_the_layout(shared_model):
+    a = shared_model.predict_population(
+        ["A", "B"], n_cells=5, n_populations=2, seed=3, output_options=OutputOptions(bias_correction=True)
+    )
+    b = shared_model.predict_population(
+        ["A", "B"], n_cells=5, n_populations=2, seed=3, output_options=OutputOptions(bias_correction=True)
+    )
+    plain = shared_model.predict_population(["A", "B"], n_cells=5, n_populations=2, seed=3)
     np.testing.assert_array_equal(a.X, b.X)
     assert a.shape == plain.shape
     assert a.obs.equals(plain.obs)
@@ -66,19 +73,19 @@ class _FakeSampler:
         return (x_ctrl + (self.effect[pert] + self.bias[ctx])[:, None, :]).clamp_min(0)
 
 
-def test_bias_correction_removes_a_known_context_bias_and_keeps_the_real_effect(trained_model, monkeypatch):
+def test_bias_correction_removes_a_known_context_bias_and_keeps_the_real_effect(shared_model, monkeypatch):
     kwargs = {"contexts": ["c0", "c1"], "batches": "b0", "n_cells": 24, "seed": 0, "n_steps": 2}  # 3 sets each
-    unbiased = _FakeSampler(trained_model, bias=False)
-    monkeypatch.setattr(trained_model.module, "sample", unbiased)
-    truth = trained_model.predict_population("A", **kwargs)  # controls + real effect, no bias
-    biased = _FakeSampler(trained_model, bias=True)
-    monkeypatch.setattr(trained_model.module, "sample", biased)
-    plain = trained_model.predict_population("A", **kwargs)
+    unbiased = _FakeSampler(shared_model, bias=False)
+    monkeypatch.setattr(shared_model.module, "sample", unbiased)
+    truth = shared_model.predict_population("A", **kwargs)  # controls + real effect, no bias
+    biased = _FakeSampler(shared_model, bias=True)
+    monkeypatch.setattr(shared_model.module, "sample", biased)
+    plain = shared_model.predict_population("A", **kwargs)
     biased.calls.clear()
-    corrected = trained_model.predict_population("A", bias_correction=True, **kwargs)
+    corrected = shared_model.predict_population("A", **kwargs, output_options=OutputOptions(bias_correction=True))
 
     # Two passes over the same control draws: the requested perturbation, then the control (to estimate the bias).
-    ctrl_code, a_code = _code(trained_model, "perturbation", "ctrl"), _code(trained_model, "perturbation", "A")
+    ctrl_code, a_code = _code(shared_model, "perturbation", "ctrl"), _code(shared_model, "perturbation", "A")
     first, second = biased.calls
     assert (first[1] == a_code).all() and (second[1] == ctrl_code).all()
     assert torch.equal(first[0], second[0]) and torch.equal(first[2], second[2])
@@ -103,22 +110,22 @@ def test_bias_correction_removes_a_known_context_bias_and_keeps_the_real_effect(
     assert np.abs(x_plain[c0] - x_corr[c0]).max() == pytest.approx(0.8)
 
 
-def test_bias_correction_cancels_an_offset_added_to_the_trained_model(trained_model, monkeypatch):
+def test_bias_correction_cancels_an_offset_added_to_the_shared_model(shared_model, monkeypatch):
     """Wrap the trained model's own sampler so that every generated set of context c0 gets a per-gene offset:
     the uncorrected prediction moves by exactly that offset, the corrected one does not move."""
     kwargs = {"contexts": ["c0", "c1"], "batches": "b0", "n_cells": 16, "seed": 4, "n_steps": 3}
-    before_plain = trained_model.predict_population("A", **kwargs)
-    before_corr = trained_model.predict_population("A", bias_correction=True, **kwargs)
+    before_plain = shared_model.predict_population("A", **kwargs)
+    before_corr = shared_model.predict_population("A", **kwargs, output_options=OutputOptions(bias_correction=True))
     offset = torch.linspace(0.2, 1.0, G)
-    c0 = _code(trained_model, "context", "c0")
-    real_sample = trained_model.module.sample
+    c0 = _code(shared_model, "context", "c0")
+    real_sample = shared_model.module.sample
 
     def offset_sample(x_ctrl, pert, ctx, batch, **kw):
         return real_sample(x_ctrl, pert, ctx, batch, **kw) + (ctx == c0).float()[:, None, None] * offset
 
-    monkeypatch.setattr(trained_model.module, "sample", offset_sample)
-    after_plain = trained_model.predict_population("A", **kwargs)
-    after_corr = trained_model.predict_population("A", bias_correction=True, **kwargs)
+    monkeypatch.setattr(shared_model.module, "sample", offset_sample)
+    after_plain = shared_model.predict_population("A", **kwargs)
+    after_corr = shared_model.predict_population("A", **kwargs, output_options=OutputOptions(bias_correction=True))
     in_c0 = (after_plain.obs["ctx"] == "c0").to_numpy()
     shift = np.asarray(after_plain.X) - np.asarray(before_plain.X)
     np.testing.assert_allclose(shift[in_c0], np.broadcast_to(offset.numpy(), (16, G)), atol=1e-5)

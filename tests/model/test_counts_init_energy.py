@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _helpers import TINY, TINY_TRAIN, make_perturbation_adata
+from _helpers import TINY, TINY_TRAIN, make_perturbation_adata, tiny
 
+from perturbdiff_scvi.model import OutputOptions, SamplerOptions
 from perturbdiff_scvi.model._counts import sample_counts
 
 SETUP = {"perturbation_key": "pert", "control_value": "ctrl", "context_key": "ctx", "batch_key": "batch"}
@@ -42,7 +43,9 @@ def test_sample_counts_keeps_library_and_rates():
 
 def test_counts_output_uses_control_library_sizes(counts_model):
     model = counts_model
-    pred = model.predict_population("A", contexts="c0", batches="b0", n_cells=40, seed=0, counts=True)
+    pred = model.predict_population(
+        "A", contexts="c0", batches="b0", n_cells=40, seed=0, output_options=OutputOptions(counts=True)
+    )
     counts = pred.layers["counts"]
     assert counts.shape == pred.shape and np.all(counts == np.floor(counts)) and counts.min() >= 0
     real_lib = np.asarray(model.adata.layers["counts"].sum(1)).ravel()
@@ -52,44 +55,50 @@ def test_counts_output_uses_control_library_sizes(counts_model):
     assert np.all(pred.X[counts == 0] == 0)  # X re-normalised from the counts: their zeros
     assert pred.uns["perturbdiff"]["counts"] == "counts"
     # same seed, same counts; counts=False keeps its draws unchanged
-    again = model.predict_population("A", contexts="c0", batches="b0", n_cells=40, seed=0, counts=True)
+    again = model.predict_population(
+        "A", contexts="c0", batches="b0", n_cells=40, seed=0, output_options=OutputOptions(counts=True)
+    )
     np.testing.assert_array_equal(again.layers["counts"], counts)
     plain = model.predict_population("A", contexts="c0", batches="b0", n_cells=40, seed=0)
     assert "counts" not in plain.layers and plain.uns["perturbdiff"]["counts"] == "None"
 
 
-def test_counts_missing_layer_is_a_clear_error(trained_model):
+def test_counts_missing_layer_is_a_clear_error(shared_model):
     with pytest.raises(KeyError, match="counts=True needs the raw counts.*no layer 'counts'"):
-        trained_model.predict_population("A", contexts="c0", n_cells=8, counts=True)
+        shared_model.predict_population("A", contexts="c0", n_cells=8, output_options=OutputOptions(counts=True))
     with pytest.raises(ValueError, match="counts must be True or False"):
-        trained_model.predict_population("A", contexts="c0", n_cells=8, counts="yes")
+        shared_model.predict_population("A", contexts="c0", n_cells=8, output_options=OutputOptions(counts="yes"))
 
 
 def test_counts_rejects_non_integer_layer(counts_model):
     counts_model.adata.layers["lognorm"] = counts_model.adata.X.copy()
     with pytest.raises(ValueError, match="non-integer values"):
-        counts_model.predict_population("A", contexts="c0", n_cells=8, counts=True, counts_layer="lognorm")
+        counts_model.predict_population(
+            "A", contexts="c0", n_cells=8, output_options=OutputOptions(counts=True, counts_layer="lognorm")
+        )
 
 
 def test_counts_from_control_adata(counts_model):
     ctrl = counts_model.adata[counts_model.adata.obs["pert"] == "ctrl"].copy()
     ctrl.layers["counts"] = ctrl.layers["counts"] * 3  # bigger libraries than the registered cells
-    pred = counts_model.predict_population("A", contexts="c0", n_cells=16, seed=0, control_adata=ctrl, counts=True)
+    pred = counts_model.predict_population(
+        "A", contexts="c0", n_cells=16, seed=0, control_adata=ctrl, output_options=OutputOptions(counts=True)
+    )
     assert pred.layers["counts"].sum(1).min() >= 3 * np.asarray(counts_model.adata.layers["counts"].sum(1)).min()
 
 
-def test_init_was_removed_and_start_time_stays_for_the_truncated_sampler(trained_model):
+def test_init_was_removed_and_start_time_stays_for_the_truncated_sampler(shared_model):
     with pytest.raises(TypeError, match="no longer takes init=: removed in 0.2.0"):
-        trained_model.predict_population("A", contexts="c0", n_cells=8, init="control")
+        shared_model.predict_population("A", contexts="c0", n_cells=8, init="control")
     with pytest.raises(ValueError, match="start_time=20 only applies"):
-        trained_model.predict_population("A", contexts="c0", n_cells=8, start_time=20)
+        shared_model.predict_population("A", contexts="c0", n_cells=8, sampler_options=SamplerOptions(start_time=20))
 
 
 def test_energy_weighting_abar_scales_the_energy_term(setup_adata):
     from perturbdiff_scvi import PerturbDiff
     from perturbdiff_scvi._constants import PDIFF_KEYS
 
-    model = PerturbDiff(setup_adata, **TINY, energy_weighting="abar")
+    model = PerturbDiff(setup_adata, **tiny(energy_weighting="abar"))
     module = model.module
     s, g = module.set_size, module.n_genes
     x = torch.rand(2 * 2 * s, g)
@@ -108,13 +117,13 @@ def test_energy_weighting_abar_scales_the_energy_term(setup_adata):
     torch.testing.assert_close(weighted - mse_only, abar * (plain - mse_only))
     assert abar[0] > 0.99 and abar[1] < 0.01  # low noise keeps the energy term, pure noise almost drops it
     with pytest.raises(ValueError, match="energy_weighting must be"):
-        PerturbDiff(setup_adata, **TINY, energy_weighting="t")
+        PerturbDiff(setup_adata, **tiny(energy_weighting="t"))
 
 
 def test_edm_preconditioning_passes_the_state_through_at_low_noise(setup_adata):
     from perturbdiff_scvi import PerturbDiff
 
-    model = PerturbDiff(setup_adata, **TINY, preconditioning="edm")
+    model = PerturbDiff(setup_adata, **tiny(preconditioning="edm"))
     module = model.module
     x = setup_adata.X.toarray()
     assert module.sigma_data == pytest.approx(x.std(), rel=1e-4)  # "auto": std of every training value
@@ -131,19 +140,19 @@ def test_edm_preconditioning_passes_the_state_through_at_low_noise(setup_adata):
     assert high.abs().max() < 0.05  # c_skip ~ 0 at pure noise: the network gives the whole estimate
     assert PerturbDiff(setup_adata, **TINY).module.sigma_data == 1.0  # unused without preconditioning
     with pytest.raises(ValueError, match="preconditioning must be"):
-        PerturbDiff(setup_adata, **TINY, preconditioning="karras")
+        PerturbDiff(setup_adata, **tiny(preconditioning="karras"))
     with pytest.raises(ValueError, match="sigma_data must be"):
-        PerturbDiff(setup_adata, **TINY, preconditioning="edm", sigma_data=-1.0)
+        PerturbDiff(setup_adata, **tiny(preconditioning="edm", sigma_data=-1.0))
 
 
 def test_edm_shrink_was_removed(setup_adata):
     from perturbdiff_scvi import PerturbDiff
 
     with pytest.raises(ValueError, match="preconditioning='edm_shrink' was removed in 0.2.0"):
-        PerturbDiff(setup_adata, **TINY, preconditioning="edm_shrink")
+        PerturbDiff(setup_adata, **tiny(preconditioning="edm_shrink"))
 
 
-def test_progress_bar_flag(trained_model, monkeypatch):
+def test_progress_bar_flag(shared_model, monkeypatch):
     import scvi.utils
 
     seen = []
@@ -154,11 +163,17 @@ def test_progress_bar_flag(trained_model, monkeypatch):
         return real_track(iterable, **kwargs)
 
     monkeypatch.setattr(scvi.utils, "track", spy)
-    trained_model.predict_population("A", contexts="c0", n_cells=64, batch_size=2, seed=0, progress_bar=False)
-    trained_model.predict_population("A", contexts="c0", n_cells=64, batch_size=2, seed=0)
+    shared_model.predict_population(
+        "A", contexts="c0", n_cells=64, seed=0, sampler_options=SamplerOptions(batch_size=2, progress_bar=False)
+    )
+    shared_model.predict_population(
+        "A", contexts="c0", n_cells=64, seed=0, sampler_options=SamplerOptions(batch_size=2)
+    )
     assert seen == [True, False]
     with pytest.raises(ValueError, match="progress_bar must be True or False"):
-        trained_model.predict_population("A", contexts="c0", n_cells=8, progress_bar="no")
+        shared_model.predict_population(
+            "A", contexts="c0", n_cells=8, sampler_options=SamplerOptions(progress_bar="no")
+        )
 
 
 def test_transport_counts_take_the_library_of_distinct_control_cells(counts_model):
@@ -169,7 +184,12 @@ def test_transport_counts_take_the_library_of_distinct_control_cells(counts_mode
     pool = ((obs["pert"] == "ctrl") & (obs["ctx"] == "c0") & (obs["batch"] == "b0")).to_numpy()
     n = int(pool.sum())
     pred = model.predict_population(
-        "A", contexts="c0", batches="b0", n_cells=n, seed=0, counts=True, transport="quantile"
+        "A",
+        contexts="c0",
+        batches="b0",
+        n_cells=n,
+        seed=0,
+        output_options=OutputOptions(counts=True, transport="quantile"),
     )
     pool_libs = np.sort(np.asarray(model.adata.layers["counts"][pool].sum(1)).ravel())
     np.testing.assert_array_equal(np.sort(pred.layers["counts"].sum(1)), pool_libs)

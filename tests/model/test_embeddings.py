@@ -5,30 +5,30 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _helpers import TINY, TINY_TRAIN, make_perturbation_adata
+from _helpers import TINY, TINY_TIMESTEPS, TINY_TRAIN, make_perturbation_adata
 
 
-def test_perturbation_embedding_is_the_lookup_table(trained_model):
-    emb = trained_model.get_perturbation_embedding()
+def test_perturbation_embedding_is_the_lookup_table(shared_model):
+    emb = shared_model.get_perturbation_embedding()
     assert list(emb.obs_names) == ["A", "B", "ctrl"]
     assert emb.shape == (3, TINY["n_cov"])
     assert list(emb.var_names[:2]) == ["dim_0", "dim_1"]
     assert emb.obs["in_training"].all() and emb.obs["n_components"].tolist() == [1, 1, 0]
-    table = trained_model.module.ema.cov_embed.perturbation.weight.detach().numpy()
+    table = shared_model.module.ema.cov_embed.perturbation.weight.detach().numpy()
     np.testing.assert_allclose(emb.X, table)  # registry order A, B, ctrl
-    np.testing.assert_array_equal(trained_model.get_perturbation_embedding().X, emb.X)  # deterministic
+    np.testing.assert_array_equal(shared_model.get_perturbation_embedding().X, emb.X)  # deterministic
     assert not np.allclose(emb["A"].X, emb["B"].X)
-    raw = trained_model.get_perturbation_embedding(["B"], use_ema=False)
-    np.testing.assert_allclose(raw.X[0], trained_model.module.denoiser.cov_embed.perturbation.weight[1].detach())
+    raw = shared_model.get_perturbation_embedding(["B"], use_ema=False)
+    np.testing.assert_allclose(raw.X[0], shared_model.module.denoiser.cov_embed.perturbation.weight[1].detach())
 
 
-def test_perturbation_embedding_errors(trained_model):
+def test_perturbation_embedding_errors(shared_model):
     with pytest.raises(ValueError, match="Unknown perturbation 'Q'"):
-        trained_model.get_perturbation_embedding(["A", "Q"])
+        shared_model.get_perturbation_embedding(["A", "Q"])
     with pytest.raises(ValueError, match="names a perturbation twice"):
-        trained_model.get_perturbation_embedding(["A", "A"])
+        shared_model.get_perturbation_embedding(["A", "A"])
     with pytest.raises(ValueError, match="use_ema must be True or False"):
-        trained_model.get_perturbation_embedding(use_ema="yes")
+        shared_model.get_perturbation_embedding(use_ema="yes")
 
 
 def test_combination_embeddings_list_components_and_sum_them(scvi_module):
@@ -51,62 +51,62 @@ def test_combination_embeddings_list_components_and_sum_them(scvi_module):
     np.testing.assert_allclose(unseen.X, emb["B"].X + emb["C"].X, rtol=1e-5, atol=1e-6)
 
 
-def test_context_and_batch_embeddings(trained_model):
-    ctx = trained_model.get_context_embedding()
+def test_context_and_batch_embeddings(shared_model):
+    ctx = shared_model.get_context_embedding()
     assert list(ctx.obs_names) == ["c0", "c1"] and ctx.shape == (2, TINY["n_cov"])
-    assert ctx.obs["n_cells"].sum() == trained_model.adata.n_obs
+    assert ctx.obs["n_cells"].sum() == shared_model.adata.n_obs
     assert (ctx.obs["n_control_cells"] > 0).all()
-    np.testing.assert_allclose(ctx.X, trained_model.module.ema.cov_embed.context.weight.detach())
-    batch = trained_model.get_context_embedding(covariate="batch")
+    np.testing.assert_allclose(ctx.X, shared_model.module.ema.cov_embed.context.weight.detach())
+    batch = shared_model.get_context_embedding(covariate="batch")
     assert list(batch.obs_names) == ["b0", "b1"]
     with pytest.raises(ValueError, match="covariate must be 'context' or 'batch'"):
-        trained_model.get_context_embedding(covariate="donor")
+        shared_model.get_context_embedding(covariate="donor")
 
 
-def test_population_embedding_shapes_determinism_and_differences(trained_model):
+def test_population_embedding_shapes_determinism_and_differences(shared_model):
     import scanpy as sc
 
-    emb = trained_model.get_population_embedding()
+    emb = shared_model.get_population_embedding()
     assert emb.shape == (12, TINY["n_hidden"])  # 3 perturbations x 2 contexts x 2 batches
     assert list(emb.obs.columns) == ["pert", "ctx", "batch", "n_cells"]
     assert emb.obs_names[0] == "A|c0|b0"
-    assert emb.obs["n_cells"].sum() == trained_model.adata.n_obs
-    assert emb.uns["perturbdiff_embedding"]["timestep"] == TINY["n_timesteps"] // 50
-    np.testing.assert_array_equal(trained_model.get_population_embedding().X, emb.X)
-    assert not np.allclose(trained_model.get_population_embedding(seed=1).X, emb.X)
-    by_pert = trained_model.get_population_embedding(groupby="pert")
+    assert emb.obs["n_cells"].sum() == shared_model.adata.n_obs
+    assert emb.uns["perturbdiff_embedding"]["timestep"] == TINY_TIMESTEPS // 50
+    np.testing.assert_array_equal(shared_model.get_population_embedding().X, emb.X)
+    assert not np.allclose(shared_model.get_population_embedding(seed=1).X, emb.X)
+    by_pert = shared_model.get_population_embedding(groupby="pert")
     assert list(by_pert.obs_names) == ["A", "B", "ctrl"]
     assert np.linalg.norm(by_pert["A"].X - by_pert["B"].X) > 1e-3
     sc.pp.pca(by_pert, n_comps=2)
     assert by_pert.obsm["X_pca"].shape == (3, 2)
 
 
-def test_population_embedding_of_predictions_and_subsets(trained_model):
-    pred = trained_model.predict_population(["A", "B"], contexts="c0", batches="b0", n_cells=12, seed=0)
+def test_population_embedding_of_predictions_and_subsets(shared_model):
+    pred = shared_model.predict_population(["A", "B"], contexts="c0", batches="b0", n_cells=12, seed=0)
     pred = pred[:, ::-1].copy()  # genes are matched by name
-    emb = trained_model.get_population_embedding(pred, groupby="pert", set_size=4, timestep=0)
+    emb = shared_model.get_population_embedding(pred, groupby="pert", set_size=4, timestep=0)
     assert list(emb.obs_names) == ["A", "B"] and emb.obs["n_cells"].tolist() == [12, 12]
-    only = trained_model.get_population_embedding(groupby=["pert", "ctx"], groups=[("B", "c1")])
+    only = shared_model.get_population_embedding(groupby=["pert", "ctx"], groups=[("B", "c1")])
     assert list(only.obs_names) == ["B|c1"]
 
 
-def test_population_embedding_errors(trained_model):
+def test_population_embedding_errors(shared_model):
     from perturbdiff_scvi._validation import MissingKeyError
 
     with pytest.raises(MissingKeyError, match="groupby column 'celltype' is not a column"):
-        trained_model.get_population_embedding(groupby="celltype")
+        shared_model.get_population_embedding(groupby="celltype")
     with pytest.raises(ValueError, match=r"Unknown group\(s\) \['Q'\]"):
-        trained_model.get_population_embedding(groupby="pert", groups=["A", "Q"])
+        shared_model.get_population_embedding(groupby="pert", groups=["A", "Q"])
     with pytest.raises(ValueError, match="lacks 5 of the 30 training genes"):
-        trained_model.get_population_embedding(trained_model.adata[:, 5:].copy(), groupby="pert")
+        shared_model.get_population_embedding(shared_model.adata[:, 5:].copy(), groupby="pert")
     with pytest.raises(ValueError, match="timestep must be an integer from 0"):
-        trained_model.get_population_embedding(timestep=TINY["n_timesteps"])
+        shared_model.get_population_embedding(timestep=TINY_TIMESTEPS)
     with pytest.raises(TypeError, match="adata must be an AnnData"):
-        trained_model.get_population_embedding(np.zeros((3, 30)))
-    no_keys = trained_model.adata.copy()
+        shared_model.get_population_embedding(np.zeros((3, 30)))
+    no_keys = shared_model.adata.copy()
     no_keys.obs = no_keys.obs[[]]
     with pytest.raises(MissingKeyError, match="pass groupby="):
-        trained_model.get_population_embedding(no_keys)
+        shared_model.get_population_embedding(no_keys)
 
 
 def test_denoiser_forward_is_final_layer_of_encode():

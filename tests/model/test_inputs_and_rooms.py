@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _helpers import TINY, TINY_TRAIN, make_perturbation_adata
+from _helpers import TINY, TINY_TRAIN, make_perturbation_adata, tiny
+
+from perturbdiff_scvi.model import SamplerOptions
 
 
 def test_missing_key_error_is_key_and_value_error_and_prints_plainly():
@@ -62,7 +64,7 @@ def test_bad_hyperparameters_name_the_argument(setup_adata, kwargs, match):
     from perturbdiff_scvi import PerturbDiff
 
     with pytest.raises(ValueError, match=match):
-        PerturbDiff(setup_adata, **{**TINY, **kwargs})
+        PerturbDiff(setup_adata, **tiny(**kwargs))
 
 
 def test_train_counts_sets_per_batch_and_refuses_batch_size(setup_adata):
@@ -92,6 +94,8 @@ def test_predict_rejects_batches_without_batch_key_and_non_bool_use_ema(scvi_mod
     with pytest.raises(ValueError, match="set up without batch_key; pass batches=None"):
         model.predict_population("A", contexts="c0", batches="b0", n_cells=3, n_steps=2)
     with pytest.raises(ValueError, match="use_ema must be True or False; got 'no'"):
-        model.predict_population("A", contexts="c0", n_cells=3, n_steps=2, use_ema="no")
-    pred = model.predict_population("A", contexts="c0", n_cells=3, n_steps=2, use_ema=np.bool_(False), seed=1)
+        model.predict_population("A", contexts="c0", n_cells=3, n_steps=2, sampler_options=SamplerOptions(use_ema="no"))
+    pred = model.predict_population(
+        "A", contexts="c0", n_cells=3, n_steps=2, seed=1, sampler_options=SamplerOptions(use_ema=np.bool_(False))
+    )
     assert pred.uns["perturbdiff"]["use_ema"] is False

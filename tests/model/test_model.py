@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from _helpers import TINY, TINY_TRAIN, make_perturbation_adata
+from _helpers import TINY, TINY_TRAIN, make_perturbation_adata, predict_kwargs
 
 
 def test_setup_registers_fields_and_leaves_data(scvi_module, adata):
@@ -61,13 +61,13 @@ def test_setup_rejects_raw_counts(scvi_module, adata):
         PerturbDiff.setup_anndata(adata, perturbation_key="pert", control_value="ctrl")
 
 
-def test_train_history_and_loss_terms(trained_model):
-    hist = trained_model.history
+def test_train_history_and_loss_terms(shared_model):
+    hist = shared_model.history
     for key in ("train_loss", "mse_train", "energy_train"):
         assert key in hist, key
         assert np.isfinite(hist[key].to_numpy(dtype=float)).all()
-    assert trained_model.is_trained
-    assert trained_model.module.ema_updates.item() == TINY_TRAIN["max_steps"]
+    assert shared_model.is_trained
+    assert shared_model.module.ema_updates.item() == TINY_TRAIN["max_steps"]
 
 
 def test_validation_and_early_stopping(setup_adata):
@@ -96,13 +96,13 @@ def test_early_stopping_without_validation_is_clear(setup_adata):
         model.train(max_steps=2, validation_size=0.0, early_stopping=True, enable_progress_bar=False)
 
 
-def test_predict_population_output(trained_model, setup_adata):
-    pred = trained_model.predict_population(
+def test_predict_population_output(shared_model):
+    pred = shared_model.predict_population(
         ["A", "B"], contexts=["c0", "c1"], n_cells=10, n_populations=2, seed=1, n_steps=4, guidance_scale=1.0
     )
     # 2 perturbations x 2 contexts x 2 batches (each with controls) x 2 populations x 10 cells
-    assert pred.shape == (2 * 2 * 2 * 2 * 10, setup_adata.n_vars)
-    assert list(pred.var_names) == list(setup_adata.var_names)
+    assert pred.shape == (2 * 2 * 2 * 2 * 10, shared_model.adata.n_vars)
+    assert list(pred.var_names) == list(shared_model.adata.var_names)
     for key in ("pert", "ctx", "batch"):
         assert isinstance(pred.obs[key].dtype, pd.CategoricalDtype)
     assert set(pred.obs["pert"]) == {"A", "B"}
@@ -113,9 +113,9 @@ def test_predict_population_output(trained_model, setup_adata):
     assert pred.obs.groupby(["pert", "ctx", "batch", "population"], observed=True).size().eq(10).all()
 
 
-def test_predict_default_n_cells_and_contexts(trained_model, setup_adata):
-    pred = trained_model.predict_population("A", seed=0, n_steps=2)
-    obs = setup_adata.obs
+def test_predict_default_n_cells_and_contexts(shared_model):
+    pred = shared_model.predict_population("A", seed=0, n_steps=2)
+    obs = shared_model.adata.obs
     for (ctx, batch), n in pred.obs.groupby(["ctx", "batch"], observed=True).size().items():
         assert n == ((obs.pert == "A") & (obs.ctx == ctx) & (obs.batch == batch)).sum()
 
@@ -133,11 +133,11 @@ def test_predict_unseen_combination(scvi_module):
     assert pred.n_obs == 7 and set(pred.obs.ctx) == {"c1"}
 
 
-def test_predict_unknown_names(trained_model):
+def test_predict_unknown_names(shared_model):
     with pytest.raises(ValueError, match=r"Unknown perturbation 'AA'.*Close matches: \['A'\]"):
-        trained_model.predict_population("AA")
+        shared_model.predict_population("AA")
     with pytest.raises(ValueError, match="Unknown context 'c3'"):
-        trained_model.predict_population("A", contexts="c3")
+        shared_model.predict_population("A", contexts="c3")
 
 
 def test_predict_category_without_cells(scvi_module):
@@ -162,51 +162,51 @@ def test_predict_category_without_cells(scvi_module):
         ({"sampler": "euler"}, "sampler"),
     ],
 )
-def test_predict_bad_arguments(trained_model, kwargs, match):
+def test_predict_bad_arguments(shared_model, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        trained_model.predict_population("A", **kwargs)
+        shared_model.predict_population("A", **predict_kwargs(**kwargs))
 
 
-def test_same_seed_same_prediction_and_save_load(trained_model, setup_adata, tmp_path):
+def test_same_seed_same_prediction_and_save_load(shared_model, tmp_path):
     from perturbdiff_scvi import PerturbDiff
 
-    a = trained_model.predict_population("A", contexts="c0", n_cells=9, seed=3, n_steps=3)
-    b = trained_model.predict_population("A", contexts="c0", n_cells=9, seed=3, n_steps=3)
-    c = trained_model.predict_population("A", contexts="c0", n_cells=9, seed=4, n_steps=3)
+    a = shared_model.predict_population("A", contexts="c0", n_cells=9, seed=3, n_steps=3)
+    b = shared_model.predict_population("A", contexts="c0", n_cells=9, seed=3, n_steps=3)
+    c = shared_model.predict_population("A", contexts="c0", n_cells=9, seed=4, n_steps=3)
     np.testing.assert_array_equal(a.X, b.X)
     assert not np.array_equal(a.X, c.X)
-    trained_model.save(tmp_path / "model", overwrite=True)
+    shared_model.save(tmp_path / "model", overwrite=True)
     fresh = make_perturbation_adata()  # a never-set-up copy of the same data
     loaded = PerturbDiff.load(tmp_path / "model", adata=fresh)
-    assert loaded.init_params_ == trained_model.init_params_
+    assert loaded.init_params_ == shared_model.init_params_
     d = loaded.predict_population("A", contexts="c0", n_cells=9, seed=3, n_steps=3)
     np.testing.assert_array_equal(a.X, d.X)
 
 
-def test_control_adata(trained_model, setup_adata):
+def test_control_adata(shared_model):
     own = make_perturbation_adata(seed=5, sparse_x=False)
     own = own[own.obs.pert == "ctrl"].copy()
     own = own[:, own.var_names[::-1]].copy()  # genes in another order are matched by name
-    pred = trained_model.predict_population(
+    pred = shared_model.predict_population(
         "A", contexts="c0", batches="b0", control_adata=own, n_cells=6, seed=0, n_steps=2
     )
     assert pred.uns["perturbdiff"]["controls"] == "control_adata"
-    assert list(pred.var_names) == list(setup_adata.var_names)
+    assert list(pred.var_names) == list(shared_model.adata.var_names)
     with pytest.raises(ValueError, match="lacks 5 of the 30 training genes"):
-        trained_model.predict_population("A", control_adata=own[:, 5:].copy(), n_steps=2)
+        shared_model.predict_population("A", control_adata=own[:, 5:].copy(), n_steps=2)
     renamed = own.copy()
     renamed.var_names = [f"x{i}" for i in range(renamed.n_vars)]
     with pytest.raises(ValueError, match="shares no gene"):
-        trained_model.predict_population("A", control_adata=renamed, n_steps=2)
+        shared_model.predict_population("A", control_adata=renamed, n_steps=2)
 
 
-def test_control_adata_changes_prediction(trained_model):
+def test_control_adata_changes_prediction(shared_model):
     """Conditioning on other control cells changes the generated cells (the control set is used)."""
     own = make_perturbation_adata(seed=9, sparse_x=False)
     own = own[own.obs.pert == "ctrl"].copy()
     own.X = own.X * 0.2
-    a = trained_model.predict_population("A", contexts="c0", batches="b0", n_cells=8, seed=0, n_steps=3)
-    b = trained_model.predict_population(
+    a = shared_model.predict_population("A", contexts="c0", batches="b0", n_cells=8, seed=0, n_steps=3)
+    b = shared_model.predict_population(
         "A", contexts="c0", batches="b0", n_cells=8, seed=0, n_steps=3, control_adata=own
     )
     assert not np.allclose(a.X, b.X)

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from _helpers import TINY, TINY_TRAIN, make_perturbation_adata
+from _helpers import TINY, TINY_TRAIN, make_perturbation_adata, seeded
 
 from perturbdiff_scvi._perturbation_features import FeatureVocabulary, check_perturbation_features
 from perturbdiff_scvi.nn import FeatureEncoder
@@ -118,6 +118,7 @@ def test_combination_with_features_is_the_sum_of_its_parts(scvi_module):
     assert pred.n_obs == 4
 
 
+@pytest.mark.slow  # 300 training steps
 def test_unseen_perturbation_follows_its_features(scvi_module):
     """A raises genes 0-4 and B lowers genes 5-9; C (never measured) has features next to A's."""
     from perturbdiff_scvi import PerturbDiff
@@ -125,9 +126,9 @@ def test_unseen_perturbation_follows_its_features(scvi_module):
     adata = make_perturbation_adata(n_cells=360, sparse_x=False)
     table = pd.DataFrame({"f0": [1.0, -1.0, 0.9], "f1": [0.0, 0.0, 0.1]}, index=["A", "B", "C"])
     PerturbDiff.setup_anndata(adata, perturbation_key="pert", control_value="ctrl", perturbation_features=table)
-    scvi_module.settings.seed = 0
-    model = PerturbDiff(adata, **{**TINY, "set_size": 16, "n_hidden": 32, "n_cov": 16})
-    model.train(**{**TINY_TRAIN, "max_steps": 300, "sets_per_batch": 8})
+    with seeded(0):  # the weights do not depend on the tests that ran before
+        model = PerturbDiff(adata, **{**TINY, "set_size": 16, "n_hidden": 32, "n_cov": 16})
+        model.train(**{**TINY_TRAIN, "max_steps": 300, "sets_per_batch": 8})
     pred = model.predict_population(["A", "B", "C", "ctrl"], n_cells=96, seed=0, guidance_scale=0.0)
     x = np.asarray(pred.X)
     mean = {p: x[(pred.obs["pert"] == p).to_numpy()].mean(0) for p in ("A", "B", "C", "ctrl")}

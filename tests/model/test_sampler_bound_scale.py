@@ -6,13 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _helpers import TINY, TINY_TRAIN, make_dense_kang
+from _helpers import TINY_TRAIN, make_dense_kang, predict_kwargs, tiny
 from scipy import sparse
 
 from perturbdiff_scvi.diffusion import RangeMonitor, space_timesteps
+from perturbdiff_scvi.model import OutputOptions, SamplerOptions
 
 FAST = {"contexts": "c0", "batches": "b0", "n_cells": 16}
-TRUNC = {"sampler": "ddim_truncated", "start_time": 6}
+TRUNC = {"sampler_options": SamplerOptions(sampler="ddim_truncated", start_time=6)}
 
 
 def _dense(x) -> np.ndarray:
@@ -46,10 +47,10 @@ def _legacy_sample(module, x_ctrl, pert, ctx, batch, *, n_steps, guidance_scale,
 
 
 @pytest.mark.parametrize("options", [{}, {"n_steps": 50, "guidance_scale": 1.0}])
-def test_module_sample_equals_the_previous_loop(trained_model, options):
+def test_module_sample_equals_the_previous_loop(shared_model, options):
     # {}: the defaults, shared with predict_population (DEFAULT_N_STEPS = 1, DEFAULT_GUIDANCE_SCALE = 0.5);
     # the second: the module's defaults until 0.2.0
-    module = trained_model.module
+    module = shared_model.module
     x_ctrl = torch.rand(2, module.set_size, 30, generator=torch.Generator().manual_seed(5))
     codes = torch.tensor([1, 0])
     new = module.sample(x_ctrl, codes, codes, codes, generator=torch.Generator().manual_seed(9), **options)
@@ -67,44 +68,50 @@ def test_module_sample_equals_the_previous_loop(trained_model, options):
     assert torch.equal(new, old)
 
 
-def test_predict_defaults_equal_the_explicit_previous_options(trained_model):
+def test_predict_defaults_equal_the_explicit_previous_options(shared_model):
     kw = {**FAST, "n_cells": 8}
-    default = trained_model.predict_population("A", seed=0, **kw)
-    explicit = trained_model.predict_population(
-        "A", seed=0, n_steps=1, sampler="ddim", start_time=None, x0_bound="auto", guidance_scale=0.5, **kw
+    default = shared_model.predict_population("A", seed=0, **kw)
+    explicit = shared_model.predict_population(
+        "A",
+        seed=0,
+        n_steps=1,
+        guidance_scale=0.5,
+        **kw,
+        sampler_options=SamplerOptions(sampler="ddim", start_time=None),
+        output_options=OutputOptions(x0_bound="auto"),
     )
     np.testing.assert_array_equal(default.X, explicit.X)
     uns = default.uns["perturbdiff"]
     assert uns["sampler"] == "ddim" and uns["n_steps"] == 1
     assert uns["start_time"] == "None" and uns["x0_bound"] == "auto"
-    assert trained_model.module.input_scale == 1.0  # default input_scale
+    assert shared_model.module.input_scale == 1.0  # default input_scale
 
 
 # ------------------------------------------------------------------------------ ddim_truncated
-def test_truncated_runs_is_seeded_and_recorded(trained_model):
-    a = trained_model.predict_population("A", seed=0, **TRUNC, **FAST)
-    b = trained_model.predict_population("A", seed=0, **TRUNC, **FAST)
-    c = trained_model.predict_population("A", seed=1, **TRUNC, **FAST)
+def test_truncated_runs_is_seeded_and_recorded(shared_model):
+    a = shared_model.predict_population("A", seed=0, **TRUNC, **FAST)
+    b = shared_model.predict_population("A", seed=0, **TRUNC, **FAST)
+    c = shared_model.predict_population("A", seed=1, **TRUNC, **FAST)
     np.testing.assert_array_equal(a.X, b.X)
     assert not np.allclose(a.X, c.X)
     assert a.shape == (16, 30) and (np.asarray(a.X) >= 0).all()
     uns = a.uns["perturbdiff"]
     assert uns["sampler"] == "ddim_truncated" and uns["start_time"] == 6 and uns["n_steps"] == 6
-    strided = trained_model.predict_population("A", seed=0, n_steps=6, **FAST)
+    strided = shared_model.predict_population("A", seed=0, n_steps=6, **FAST)
     assert not np.allclose(a.X, strided.X)  # a different sampler, not the strided DDIM under another name
 
 
-def test_truncated_default_start_time_is_the_released_100(trained_model):
-    pred = trained_model.predict_population(
-        "A", seed=0, sampler="ddim_truncated", n_cells=8, contexts="c0", batches="b0"
+def test_truncated_default_start_time_is_the_released_100(shared_model):
+    pred = shared_model.predict_population(
+        "A", seed=0, n_cells=8, contexts="c0", batches="b0", sampler_options=SamplerOptions(sampler="ddim_truncated")
     )
     assert pred.uns["perturbdiff"]["start_time"] == 100 == pred.uns["perturbdiff"]["n_steps"]  # TINY: T = 100
 
 
-def test_truncated_guidance_zero_differs_from_guided(trained_model):
-    g0 = trained_model.predict_population("A", seed=0, guidance_scale=0.0, **TRUNC, **FAST)
-    g1 = trained_model.predict_population("A", seed=0, guidance_scale=1.0, **TRUNC, **FAST)
-    again = trained_model.predict_population("A", seed=0, guidance_scale=1.0, **TRUNC, **FAST)
+def test_truncated_guidance_zero_differs_from_guided(shared_model):
+    g0 = shared_model.predict_population("A", seed=0, guidance_scale=0.0, **TRUNC, **FAST)
+    g1 = shared_model.predict_population("A", seed=0, guidance_scale=1.0, **TRUNC, **FAST)
+    again = shared_model.predict_population("A", seed=0, guidance_scale=1.0, **TRUNC, **FAST)
     assert not np.allclose(g0.X, g1.X)
     np.testing.assert_array_equal(g1.X, again.X)
 
@@ -121,35 +128,39 @@ def test_truncated_guidance_zero_differs_from_guided(trained_model):
         ({"sampler": "ddpm", "start_time": 10}, r"start_time=10 only applies to sampler='ddim_truncated'"),
     ],
 )
-def test_start_time_errors(trained_model, kwargs, match):
+def test_start_time_errors(shared_model, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        trained_model.predict_population("A", **{"sampler": "ddim_truncated", **kwargs, **FAST})
+        shared_model.predict_population("A", **predict_kwargs(**{"sampler": "ddim_truncated", **kwargs, **FAST}))
 
 
-def test_whole_float_start_time_is_an_integer(trained_model):
-    a = trained_model.predict_population("A", seed=0, sampler="ddim_truncated", start_time=4.0, **FAST)
-    b = trained_model.predict_population("A", seed=0, sampler="ddim_truncated", start_time=4, **FAST)
+def test_whole_float_start_time_is_an_integer(shared_model):
+    a = shared_model.predict_population(
+        "A", seed=0, **FAST, sampler_options=SamplerOptions(sampler="ddim_truncated", start_time=4.0)
+    )
+    b = shared_model.predict_population(
+        "A", seed=0, **FAST, sampler_options=SamplerOptions(sampler="ddim_truncated", start_time=4)
+    )
     np.testing.assert_array_equal(a.X, b.X)
     assert type(a.uns["perturbdiff"]["start_time"]) is int
 
 
 # ------------------------------------------------------------------------------ x0_bound
-def test_numeric_bound_caps_and_is_recorded(trained_model):
+def test_numeric_bound_caps_and_is_recorded(shared_model):
     kw = {**FAST, "n_steps": 10}
-    free = trained_model.predict_population("A", seed=0, **kw)
+    free = shared_model.predict_population("A", seed=0, **kw)
     cap = float(np.quantile(np.asarray(free.X), 0.9))
-    capped = trained_model.predict_population("A", seed=0, x0_bound=cap, **kw)
+    capped = shared_model.predict_population("A", seed=0, **kw, output_options=OutputOptions(x0_bound=cap))
     assert np.asarray(free.X).max() > cap >= np.asarray(capped.X).max()
     assert capped.uns["perturbdiff"]["x0_bound"] == pytest.approx(cap)
     assert not np.allclose(free.X, capped.X)
-    huge = trained_model.predict_population("A", seed=0, x0_bound=1e6, **kw)
+    huge = shared_model.predict_population("A", seed=0, **kw, output_options=OutputOptions(x0_bound=1e6))
     np.testing.assert_array_equal(huge.X, free.X)  # a cap that never binds changes nothing
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "max", True, [1.0]])
-def test_bad_x0_bound_is_a_clear_error(trained_model, bad):
+def test_bad_x0_bound_is_a_clear_error(shared_model, bad):
     with pytest.raises(ValueError, match="x0_bound must be"):
-        trained_model.predict_population("A", x0_bound=bad, **FAST)
+        shared_model.predict_population("A", **FAST, output_options=OutputOptions(x0_bound=bad))
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +171,7 @@ def dense_model(scvi_module):
     adata = make_dense_kang()
     PerturbDiff.setup_anndata(adata, perturbation_key="condition", control_value="control", context_key="cell_type")
     torch.manual_seed(0)
-    model = PerturbDiff(adata, **TINY, input_scale="auto")
+    model = PerturbDiff(adata, **tiny(input_scale="auto"))
     model.train(**{**TINY_TRAIN, "max_steps": 3})
     return model, adata
 
@@ -172,12 +183,12 @@ def test_auto_bound_keeps_dense_predictions_within_1p5_x_the_training_max(dense_
     bound = 1.5 * gene_max * (1 + 1e-6)  # float32 rounding of the cap
     kwargs = {"contexts": "CD4T", "n_cells": 8, "guidance_scale": 1.0, "seed": 0}
     for sampler_kw in ({"n_steps": 5}, {"sampler": "ddim_truncated", "start_time": 5}):
-        pred = model.predict_population("stimulated", x0_bound="auto", **sampler_kw, **kwargs)
+        pred = model.predict_population("stimulated", **predict_kwargs(**sampler_kw, **kwargs, x0_bound="auto"))
         x = np.asarray(pred.X)
         assert (x >= 0).all() and (x <= bound).all()
         assert pred.uns["perturbdiff"]["x0_bound"] == "auto"
         corrected = model.predict_population(
-            "stimulated", x0_bound="auto", bias_correction=True, **sampler_kw, **kwargs
+            "stimulated", **predict_kwargs(**sampler_kw, **kwargs, x0_bound="auto", bias_correction=True)
         )
         assert (np.asarray(corrected.X) <= bound).all()
     # The same with a denoiser whose output head is pushed far above the data: the cap, not luck, holds it.
@@ -186,7 +197,9 @@ def test_auto_bound_keeps_dense_predictions_within_1p5_x_the_training_max(dense_
     try:
         with torch.no_grad():
             net.bias.add_(20.0)
-        wild = np.asarray(model.predict_population("stimulated", n_steps=3, x0_bound=None, **kwargs).X)
+        wild = np.asarray(
+            model.predict_population("stimulated", n_steps=3, **kwargs, output_options=OutputOptions(x0_bound=None)).X
+        )
         tamed = np.asarray(model.predict_population("stimulated", n_steps=3, **kwargs).X)  # the default "auto"
     finally:
         with torch.no_grad():
@@ -234,16 +247,16 @@ def test_auto_input_scale_resolves_to_the_nonzero_rms(dense_model, setup_adata):
     assert model.module.input_scale == pytest.approx(expected, rel=1e-9)
     assert 3 < model.module.input_scale < 5  # dense, high values: expressed entries ~1 in diffusion space
     assert model.init_params_["non_kwargs"]["options"]["input_scale"] == model.module.input_scale  # saved as the float
-    sparse_low = PerturbDiff(setup_adata, **TINY, input_scale="auto").module.input_scale
+    sparse_low = PerturbDiff(setup_adata, **tiny(input_scale="auto")).module.input_scale
     y = _dense(setup_adata.X).astype(np.float64)
     assert sparse_low == pytest.approx(np.sqrt(np.mean(y[y != 0] ** 2)), rel=1e-9)
-    assert PerturbDiff(setup_adata, **TINY, input_scale=2.5).module.input_scale == 2.5  # floats as before
+    assert PerturbDiff(setup_adata, **tiny(input_scale=2.5)).module.input_scale == 2.5  # floats as before
 
 
 def test_auto_input_scale_round_trips_through_save_and_load(setup_adata, tmp_path):
     from perturbdiff_scvi import PerturbDiff
 
-    model = PerturbDiff(setup_adata, **TINY, input_scale="auto")
+    model = PerturbDiff(setup_adata, **tiny(input_scale="auto"))
     model.train(**{**TINY_TRAIN, "max_steps": 2})
     scale = model.module.input_scale
     assert isinstance(scale, float) and scale != 1.0
@@ -273,7 +286,7 @@ def test_bad_input_scale_is_a_clear_error(setup_adata, bad, match):
     from perturbdiff_scvi import PerturbDiff
 
     with pytest.raises(ValueError, match=match):
-        PerturbDiff(setup_adata, **TINY, input_scale=bad)
+        PerturbDiff(setup_adata, **tiny(input_scale=bad))
 
 
 def test_auto_input_scale_on_all_zero_data_is_a_clear_error(scvi_module):
@@ -285,7 +298,7 @@ def test_auto_input_scale_on_all_zero_data_is_a_clear_error(scvi_module):
     adata.X = sparse.csr_matrix(adata.X.shape, dtype=np.float32)
     PerturbDiff.setup_anndata(adata, perturbation_key="pert", control_value="ctrl")
     with pytest.raises(ValueError, match="input_scale='auto' needs non-zero training expression"):
-        PerturbDiff(adata, **TINY, input_scale="auto")
+        PerturbDiff(adata, **tiny(input_scale="auto"))
 
 
 # ------------------------------------------------------------------------------ trajectory monitor

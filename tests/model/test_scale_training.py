@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _helpers import TINY, TINY_TRAIN
+from _helpers import TINY, TINY_TIMESTEPS, TINY_TRAIN
 
 
 def test_train_bf16_mixed_on_cpu(setup_adata):
@@ -66,6 +66,7 @@ def test_compile_arguments_checked(setup_adata, kwargs, match):
         model.train(**TINY_TRAIN, **kwargs)
 
 
+@pytest.mark.slow  # inductor builds C++ kernels
 def test_train_compile_matches_eager_and_saves_eager_names(setup_adata, tmp_path):
     """``train(compile=True)`` (inductor) trains with finite losses; the compiled denoiser gives the eager outputs
     (allclose) on the training shapes; the forward is eager again afterwards and the saved keys are the eager ones."""
@@ -86,7 +87,7 @@ def test_train_compile_matches_eager_and_saves_eager_names(setup_adata, tmp_path
     g = torch.Generator().manual_seed(0)
     b, s, n_genes = TINY_TRAIN["sets_per_batch"], TINY["set_size"], setup_adata.n_vars
     x_t, x_ctrl, self_cond = (torch.rand(b, s, n_genes, generator=g) for _ in range(3))
-    t = torch.randint(0, TINY["n_timesteps"], (b,), generator=g)
+    t = torch.randint(0, TINY_TIMESTEPS, (b,), generator=g)
     codes = torch.zeros(b, dtype=torch.long)
     drop = torch.tensor([True, False, False, True])
     args = (x_t, t, x_ctrl, codes, codes + 1, codes, self_cond, drop)
@@ -139,6 +140,7 @@ def test_use_distributed_sampler_rejected(setup_adata):
 
 
 # ------------------------------------------------------------------------------------------ DDP, 2 CPU processes
+@pytest.mark.slow  # spawns two processes that import scvi-tools
 def test_ddp_spawn_two_cpu_processes(setup_adata, tmp_path):
     """``train(devices=2, strategy="ddp_spawn", accelerator="cpu")`` through scvi-tools' TrainRunner (gloo): the
     ranks serve disjoint shards of the same epoch, draw different random streams, run ``max_steps`` optimiser steps

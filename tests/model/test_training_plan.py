@@ -8,7 +8,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from _helpers import TINY
+from _helpers import tiny
 
 from perturbdiff_scvi.model._training_plan import warmup_plateau_cosine
 
@@ -53,7 +53,7 @@ class _Recorder(pl.Callback):
 def _train(adata, model_kwargs=None, callbacks_extra=(), sets_per_batch=2, **train_kwargs):
     from perturbdiff_scvi import PerturbDiff
 
-    model = PerturbDiff(adata, **{**TINY, **(model_kwargs or {})})
+    model = PerturbDiff(adata, **tiny(**(model_kwargs or {})))
     rec = _Recorder()
     model.train(sets_per_batch=sets_per_batch, callbacks=[rec, *callbacks_extra], **{**QUIET, **train_kwargs})
     return model, rec

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from _helpers import TINY
 
+from perturbdiff_scvi.model import OutputOptions, SamplerOptions
 from perturbdiff_scvi.model._transport import quantile_transport
 
 
@@ -40,10 +41,10 @@ def test_quantile_transport_shape_mismatch_is_a_clear_error():
         quantile_transport(np.zeros((3, 2)), np.zeros((4, 2)), np.random.default_rng(0))
 
 
-def test_predict_transport_keeps_the_generated_marginals(trained_model):
-    kwargs = {"contexts": "c0", "n_cells": 37, "seed": 3, "progress_bar": False}  # not a multiple of set_size
-    plain = trained_model.predict_population("A", **kwargs)
-    moved = trained_model.predict_population("A", transport="quantile", **kwargs)
+def test_predict_transport_keeps_the_generated_marginals(shared_model):
+    kwargs = {"contexts": "c0", "n_cells": 37, "seed": 3}  # not a multiple of set_size
+    plain = shared_model.predict_population("A", **kwargs)
+    moved = shared_model.predict_population("A", **kwargs, output_options=OutputOptions(transport="quantile"))
     assert moved.uns["perturbdiff"]["transport"] == "quantile"
     assert plain.uns["perturbdiff"]["transport"] == "none"
     x, y = np.asarray(plain.X), np.asarray(moved.X)
@@ -52,9 +53,15 @@ def test_predict_transport_keeps_the_generated_marginals(trained_model):
     np.testing.assert_array_equal(moved.obs_names, plain.obs_names)
 
 
-def test_predict_transport_rejects_unknown_values(trained_model):
+def test_predict_transport_rejects_unknown_values(shared_model):
     with pytest.raises(ValueError, match="transport must be one of"):
-        trained_model.predict_population("A", contexts="c0", n_cells=4, transport="ot", progress_bar=False)
+        shared_model.predict_population(
+            "A",
+            contexts="c0",
+            n_cells=4,
+            sampler_options=SamplerOptions(progress_bar=False),
+            output_options=OutputOptions(transport="ot"),
+        )
 
 
 # ----------------------------------------------------------------- removed training options

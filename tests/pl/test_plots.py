@@ -45,6 +45,7 @@ def test_delta_scatter_draws_the_mean_shifts(parts):
     plt.close("all")
 
 
+@pytest.mark.slow  # umap-learn compiles its numba kernels
 def test_umap_overlay_embeds_without_touching_inputs(parts):
     adata, real, control = parts
     pred = adata[adata.obs["pert"] == "B"].copy()
@@ -59,13 +60,13 @@ def test_umap_overlay_embeds_without_touching_inputs(parts):
     plt.close("all")
 
 
-def test_loss_curve(trained_model):
-    ax = pl.loss_curve(trained_model, log=True)
+def test_loss_curve(shared_model):
+    ax = pl.loss_curve(shared_model, log=True)
     lines = {line.get_label(): line for line in ax.get_lines()}
     assert "train_loss" in lines
     np.testing.assert_allclose(
-        lines["train_loss"].get_ydata(), trained_model.history["train_loss"].to_numpy(dtype=float).ravel()
+        lines["train_loss"].get_ydata(), shared_model.history["train_loss"].to_numpy(dtype=float).ravel()
     )
     with pytest.raises(KeyError, match="model.history has no"):
-        pl.loss_curve(trained_model, keys=["nope"])
+        pl.loss_curve(shared_model, keys=["nope"])
     plt.close("all")

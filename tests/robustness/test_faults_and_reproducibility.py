@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from _helpers import TINY, TINY_TRAIN, make_perturbation_adata
+from _helpers import TINY, TINY_TRAIN, make_perturbation_adata, seeded
 
 
 class _InterruptAt(pl.Callback):
@@ -65,7 +65,7 @@ def test_other_errors_in_training_still_raise(scvi_module):
         model.train(**TINY_TRAIN, callbacks=[_Boom()])
 
 
-def test_save_is_atomic(trained_model, setup_adata, tmp_path, monkeypatch):
+def test_save_is_atomic(shared_model, tmp_path, monkeypatch):
     from perturbdiff_scvi import PerturbDiff
 
     target = tmp_path / "model"
@@ -78,16 +78,16 @@ def test_save_is_atomic(trained_model, setup_adata, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
-        trained_model.save(target)
+        shared_model.save(target)
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []  # no temporary folder left behind
 
     monkeypatch.setattr(torch, "save", real_save)
-    trained_model.save(target)
-    before = trained_model.predict_population("A", n_cells=5, seed=0, n_steps=3)
+    shared_model.save(target)
+    before = shared_model.predict_population("A", n_cells=5, seed=0, n_steps=3)
     monkeypatch.setattr(torch, "save", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
-        trained_model.save(target, overwrite=True)
+        shared_model.save(target, overwrite=True)
     monkeypatch.setattr(torch, "save", real_save)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     after = PerturbDiff.load(target, adata=make_perturbation_adata()).predict_population(
@@ -96,13 +96,13 @@ def test_save_is_atomic(trained_model, setup_adata, tmp_path, monkeypatch):
     np.testing.assert_array_equal(before.X, after.X)  # the old model survived intact
 
 
-def test_save_refuses_to_overwrite_without_flag(trained_model, tmp_path):
-    trained_model.save(tmp_path / "m")
+def test_save_refuses_to_overwrite_without_flag(shared_model, tmp_path):
+    shared_model.save(tmp_path / "m")
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        trained_model.save(tmp_path / "m")
+        shared_model.save(tmp_path / "m")
 
 
-def test_load_missing_or_corrupt(trained_model, tmp_path):
+def test_load_missing_or_corrupt(shared_model, tmp_path):
     from perturbdiff_scvi import PerturbDiff
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -110,17 +110,17 @@ def test_load_missing_or_corrupt(trained_model, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="not a folder written by PerturbDiff.save"):
         PerturbDiff.load(tmp_path / "empty", adata=make_perturbation_adata())
-    trained_model.save(tmp_path / "m")
+    shared_model.save(tmp_path / "m")
     model_file = tmp_path / "m" / "model.pt"
     model_file.write_bytes(model_file.read_bytes()[:200])
     with pytest.raises(ValueError, match="corrupt or incomplete"):
         PerturbDiff.load(tmp_path / "m", adata=make_perturbation_adata())
 
 
-def test_load_with_mismatched_adata(trained_model, tmp_path):
+def test_load_with_mismatched_adata(shared_model, tmp_path):
     from perturbdiff_scvi import PerturbDiff
 
-    trained_model.save(tmp_path / "m")
+    shared_model.save(tmp_path / "m")
     fewer = make_perturbation_adata()[:, 1:].copy()
     with pytest.raises(ValueError, match="29 genes but the model was trained on 30"):
         PerturbDiff.load(tmp_path / "m", adata=fewer)
@@ -139,9 +139,9 @@ def test_training_is_reproducible_on_cpu(scvi_module):
 
     preds = []
     for _ in range(2):
-        scvi_module.settings.seed = 7
-        model = PerturbDiff(_setup(), **TINY)
-        model.train(**TINY_TRAIN)
+        with seeded(7):  # scvi.settings.seed = 7, put back afterwards
+            model = PerturbDiff(_setup(), **TINY)
+            model.train(**TINY_TRAIN)
         preds.append(model.predict_population("B", n_cells=6, seed=1, n_steps=4).X)
     np.testing.assert_array_equal(preds[0], preds[1])
     other = model.predict_population("B", n_cells=6, seed=2, n_steps=4).X

@@ -13,7 +13,7 @@ import anndata
 import numpy as np
 import pandas as pd
 import pytest
-from _helpers import TINY, TINY_TRAIN, make_perturbation_adata
+from _helpers import TINY, TINY_TRAIN, make_perturbation_adata, tiny
 from scipy import sparse
 
 KEYS = {"perturbation_key": "pert", "control_value": "ctrl", "context_key": "ctx", "batch_key": "batch"}
@@ -33,7 +33,7 @@ def _dense(x) -> np.ndarray:
 
 
 def _train(pdiff, adata, **model_kwargs):
-    model = pdiff(adata, **{**TINY, **model_kwargs})
+    model = pdiff(adata, **tiny(**model_kwargs))
     model.train(**TINY_TRAIN)
     return model
 

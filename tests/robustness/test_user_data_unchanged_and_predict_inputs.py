@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pandas as pd
 import pytest
-from _helpers import TINY, TINY_TRAIN, make_perturbation_adata
+from _helpers import TINY_TIMESTEPS, make_perturbation_adata, predict_kwargs, train_tiny_model
 from anndata import AnnData
 from scipy import sparse
 
@@ -61,9 +61,7 @@ def trained(scvi_module):
     adata = _rich_adata()
     before = _snapshot(adata)
     PerturbDiff.setup_anndata(adata, **KEYS)
-    model = PerturbDiff(adata, **TINY)
-    model.train(**TINY_TRAIN)
-    return model, adata, before
+    return train_tiny_model(adata, seed=0), adata, before
 
 
 @pytest.fixture
@@ -246,7 +244,7 @@ def test_control_adata_not_anndata(model):
         ({"n_cells": -3}, r"n_cells must be a positive integer or None; got -3\."),
         ({"n_cells": 2.5}, r"n_cells must be a positive integer or None; got 2\.5\."),
         ({"n_steps": 0}, r"n_steps must be an integer between 1 and n_timesteps=100; got 0\."),
-        ({"n_steps": TINY["n_timesteps"] + 1}, r"n_steps must be an integer between 1 and n_timesteps=100; got 101\."),
+        ({"n_steps": TINY_TIMESTEPS + 1}, r"n_steps must be an integer between 1 and n_timesteps=100; got 101\."),
         ({"guidance_scale": -0.1}, r"guidance_scale must be >= 0 \(0 = no guidance\); got -0\.1\."),
         ({"guidance_scale": float("nan")}, r"guidance_scale must be >= 0 \(0 = no guidance\); got nan\."),
         ({"guidance_scale": float("inf")}, r"guidance_scale must be >= 0 .*; got inf\."),
@@ -260,7 +258,7 @@ def test_control_adata_not_anndata(model):
 )
 def test_bad_numeric_arguments(model, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        model.predict_population("A", **{**FAST, **kwargs})
+        model.predict_population("A", **predict_kwargs(**{**FAST, **kwargs}))
 
 
 @pytest.mark.parametrize("arg", ["n_cells", "n_steps", "n_populations", "batch_size"])
@@ -268,8 +266,8 @@ def test_integral_float_arguments_are_accepted_as_integers(model, arg):
     """A whole-number float (``2.0``) is taken as that integer: the same cells as with ``2`` (non-integral floats
     are rejected, see test_bad_numeric_arguments)."""
     kwargs = {"contexts": "c0", "batches": "b0", "n_cells": 3, **FAST}
-    as_float = model.predict_population("A", **{**kwargs, arg: 2.0})
-    as_int = model.predict_population("A", **{**kwargs, arg: 2})
+    as_float = model.predict_population("A", **predict_kwargs(**{**kwargs, arg: 2.0}))
+    as_int = model.predict_population("A", **predict_kwargs(**{**kwargs, arg: 2}))
     np.testing.assert_array_equal(as_float.X, as_int.X)
     pd.testing.assert_frame_equal(as_float.obs, as_int.obs)
     expected_cells = {"n_cells": 2, "n_populations": 2 * 3}.get(arg, 3)

@@ -224,10 +224,11 @@ def test_calibration_errors_and_warnings(truth):
         tl.calibration(pred, real, control, group_key="donor", population_key="pop", **kwargs)
 
 
-def test_summary_of_a_model_prediction_reads_its_keys_from_uns(trained_model, setup_adata):
-    pred = trained_model.predict_population("A", n_cells=6, n_populations=3, n_steps=3, seed=0)
+def test_summary_of_a_model_prediction_reads_its_keys_from_uns(shared_model):
+    pred = shared_model.predict_population("A", n_cells=6, n_populations=3, n_steps=3, seed=0)
     recorded = pred.uns["perturbdiff"]
     assert (recorded["perturbation_key"], recorded["context_key"], recorded["batch_key"]) == ("pert", "ctx", "batch")
-    control = setup_adata[setup_adata.obs["pert"] == "ctrl"].copy()
+    data = shared_model.adata
+    control = data[data.obs["pert"] == "ctrl"].copy()
     table = tl.population_summary(pred, control, n_pcs=None)  # no keys passed
     assert set(table["context"]) == set(pred.obs["ctx"]) and (table["n_populations"] == 3).all()

@@ -2,7 +2,8 @@
 
 #: Reverse steps of the strided samplers (``"ddim"``, ``"ddpm"``) when ``n_steps=None``: one jump from pure noise
 #: to the clean estimate. The denoiser, trained with the set energy term, returns a diverse sample there; more steps
-#: add that diversity on top of the state's own (benchmarks, "Few-step sampling"; 50 until 0.1.0).
+#: add that diversity on top of the state's own (benchmarks/HISTORY.md, "Few-step sampling"; 50
+#: until 0.1.0).
 DEFAULT_N_STEPS = 1
 
 #: Default classifier-free guidance weight (released: 1.0, the value for ``PAPER_CONFIG``). Measured on the benchmark

@@ -134,7 +134,7 @@ class OutputOptions:
         expression units: ``"auto"`` (default) = 1.5 x each gene's maximum in the registered training matrix, a
         number = one cap for every gene, ``None`` = no cap (values only >= 0, as released). Measured on four
         tasks and three seeds, ``"auto"`` changes no accuracy or realism metric beyond seed noise and keeps dense
-        high-valued panels in range (benchmarks, "Values in range").
+        high-valued panels in range (benchmarks/HISTORY.md, "Values in range").
     zero_threshold
         Set predicted values below this to exactly 0, for a realistic zero pattern before differential expression.
         ``"auto"`` = the 1 % quantile of the non-zero registered training values

@@ -47,8 +47,9 @@ def _mutant(monkeypatch):
         )
     elif m == "no_zero_threshold":
         monkeypatch.setattr(_predict, "zero_threshold_value", lambda value, auto: None)
-    elif m == "x0_bound_ignored":
-        monkeypatch.setattr(_predict, "x0_bound_value", lambda *a, **k: None)
+    elif m == "x0_bound_ignored":  # the cap is recorded but not applied while sampling
+        real_jobs = _predict.sample_jobs
+        monkeypatch.setattr(_predict, "sample_jobs", lambda *a: real_jobs(*a[:-1], None))
     elif m == "output_scaled":  # every prediction 10 % too high
         real = _predict.predict
 

@@ -133,7 +133,7 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
             n_batches=ss[f"n_{PDIFF_KEYS.BATCH_KEY}"],
             perturbation_components=None if vocab is None else torch.from_numpy(vocab.matrix),
             perturbation_features=(
-                torch.from_numpy(vocab.features.to_numpy()) if isinstance(vocab, FeatureVocabulary) else None
+                torch.from_numpy(vocab.features.to_numpy(copy=True)) if isinstance(vocab, FeatureVocabulary) else None
             ),
             **hparams,
         )

@@ -139,7 +139,8 @@ def main() -> None:
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     seeds = sorted(table["seed"].unique())
     text = (
-        f"# Why peers win: PerturbDiff defaults, projected onto training PCs (seeds {[int(s) for s in seeds]}, mean ± sd)\n\n"
+        "# Why peers win: PerturbDiff defaults, projected onto training PCs"
+        f" (seeds {[int(s) for s in seeds]}, mean ± sd)\n\n"
         f"Train time per seed: {', '.join(f'{s:.0f} s' for s in table.groupby('seed')['train_s'].first())}\n\n"
         + "\n".join(lines)
         + "\n"

@@ -11,14 +11,15 @@ Which model fixture to use:
     A ``monkeypatch.setattr`` on it is fine (undone after the test). Do not train it further, load weights into it,
     change its registry, its settings or ``shared_model.adata``: the next tests of the module would see it.
 
-``trained_model`` / ``setup_adata`` / ``adata`` (function scope)
-    The same recipe, built for each test: use them when the test changes the model or its data.
+``setup_adata`` / ``adata`` (function scope)
+    The same data, set up (or not) for each test: a test that changes the model or its data builds its own model
+    on them, e.g. ``train_tiny_model(setup_adata)`` from ``_helpers``.
 """
 
 from __future__ import annotations
 
 import pytest
-from _helpers import TINY, TINY_TRAIN, make_perturbation_adata, train_tiny_model
+from _helpers import make_perturbation_adata, train_tiny_model
 
 KEYS = {"perturbation_key": "pert", "control_value": "ctrl", "context_key": "ctx", "batch_key": "batch"}
 
@@ -44,15 +45,6 @@ def setup_adata(scvi_module, adata):
     return adata
 
 
-@pytest.fixture
-def trained_model(setup_adata):
-    from perturbdiff_scvi import PerturbDiff
-
-    model = PerturbDiff(setup_adata, **TINY)
-    model.train(**TINY_TRAIN)
-    return model
-
-
 @pytest.fixture(scope="module")
 def shared_model(scvi_module):
     """A trained tiny model shared by the tests of a module that only read it (see the module docstring)."""
@@ -68,7 +60,7 @@ def shared_model(scvi_module):
     yield model
     # A test that changed the shared model makes the rest of its module check another model: say so.
     changed = [k for k, v in model.module.state_dict().items() if not torch.equal(v, weights[k])]
-    assert not changed, f"a test changed the weights of shared_model: {changed[:5]}; use trained_model"
+    assert not changed, f"a test changed the weights of shared_model: {changed[:5]}; build a model of its own"
     assert set(model.history) == set(history) and all(model.history[k].equals(v) for k, v in history.items()), (
-        "a test trained shared_model further; use trained_model"
+        "a test trained shared_model further; build a model of its own"
     )

@@ -1,0 +1,67 @@
+"""PerturbDiff runner: the package defaults, trained and sampled like any peer (same job folder, same output).
+
+Run by ``benchmarks/peers.py`` as ``<this venv>/bin/python perturbdiff_runner.py JOB_FOLDER`` (see ``_common.py``),
+so that PerturbDiff's train time is measured the way the peers' are, in a process of its own with the same thread
+count. ``PerturbDiff.setup_anndata`` with the job's keys (``combination_delimiter`` for combinations),
+``PerturbDiff(adata)`` and ``train()`` with the package defaults (``settings["max_steps"]`` overrides the step
+count); ``predict_population`` with its defaults for ``pred.h5ad``, and ``guidance_scale=0`` from the same trained
+model as the variant ``PerturbDiff (guidance 0)``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Job, pin_threads
+
+DEFAULTS = {"max_steps": None}
+VARIANTS = {"PerturbDiff (guidance 0)": {"guidance_scale": 0.0}}
+
+
+def main(folder: str) -> None:
+    job = Job(folder)
+    pin_threads(job.threads)
+    import numpy as np
+    import scvi
+    import torch
+
+    from perturbdiff_scvi import PerturbDiff
+
+    torch.set_num_threads(job.threads)
+    s = job.settings = {**DEFAULTS, **job.settings}
+    train = job.read_train()
+    PerturbDiff.setup_anndata(
+        train,
+        perturbation_key=job.pert_key,
+        control_value=job.control,
+        context_key=job.context_key,
+        batch_key=job.batch_key,
+        combination_delimiter=job.delimiter,
+    )
+    scvi.settings.seed = job.seed
+    model = PerturbDiff(train)
+    t0 = time.time()
+    model.train(max_steps=s["max_steps"], enable_progress_bar=False)
+    train_seconds = time.time() - t0
+    s["train_steps"] = int(model.trainer.global_step)
+
+    t0 = time.time()
+    preds, variants = [], {name: [] for name in VARIANTS}
+    for cond in job.conditions:
+        where = {"n_cells": int(cond["n_cells"]), "seed": job.seed}
+        if job.context_key:
+            where["contexts"] = str(cond["context"])
+        if job.batch_key and cond.get("batch") is not None:
+            where["batches"] = str(cond["batch"])
+        for name, options in [(None, {}), *VARIANTS.items()]:
+            out = model.predict_population(str(cond["perturbation"]), **where, **options)
+            X = out.X.toarray() if hasattr(out.X, "toarray") else np.asarray(out.X)
+            (preds if name is None else variants[name]).append(job.prediction(X, train.var_names, cond))
+    job.write(preds, train_seconds, time.time() - t0, ["perturbdiff-scvi", "scvi-tools", "torch"], variants)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -100,6 +100,21 @@ class Job:
         source.obs_names_make_unique()
         return source
 
+    def predictable(self, train: ad.AnnData, why_not) -> list[dict]:
+        """The job's conditions the peer can predict. ``why_not(condition)`` returns the peer's own reason it cannot
+        (or None); a condition without control cells of its context / batch in ``train`` cannot either. The others
+        are marked "cannot" with their reason."""
+        todo = []
+        for cond in self.conditions:
+            reason = why_not(cond)
+            if reason is None and not self.where(train, cond, self.control).any():
+                reason = "no control cells of the condition's context/batch in training"
+            if reason is None:
+                todo.append(cond)
+            else:
+                self.mark_cannot(cond, reason)
+        return todo
+
     def mark_cannot(self, condition: dict, reason: str) -> None:
         self.cannot.append({**condition, "reason": reason})
         print(f"cannot predict {condition}: {reason}", file=sys.stderr, flush=True)

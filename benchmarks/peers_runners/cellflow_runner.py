@@ -84,19 +84,15 @@ def main(folder: str) -> None:
         sample_covs.append(key)
         sample_reps[key] = f"{key}_onehot"
 
-    todo = []
-    for cond, toks in zip(job.conditions, wanted, strict=True):
-        unseen = [t for t in toks if t not in train.uns["pert_onehot"]]
+    def why_not(cond: dict) -> str | None:
+        unseen = [t for t in job.components(cond["perturbation"]) if t not in train.uns["pert_onehot"]]
         if unseen:
-            job.mark_cannot(cond, f"perturbation(s) {unseen} never seen in training (one-hot has no vector)")
-            continue
+            return f"perturbation(s) {unseen} never seen in training (one-hot has no vector)"
         if job.context_key and str(cond.get("context")) not in train.uns[f"{job.context_key}_onehot"]:
-            job.mark_cannot(cond, f"context {cond.get('context')!r} never seen in training")
-            continue
-        if not job.where(train, cond, control).any():
-            job.mark_cannot(cond, "no control cells of the condition's context/batch in training")
-            continue
-        todo.append((cond, toks))
+            return f"context {cond.get('context')!r} never seen in training"
+        return None
+
+    todo = [(cond, job.components(cond["perturbation"])) for cond in job.predictable(train, why_not)]
 
     centered_pca(train, n_comps=int(s["n_pcs"]), keep_centered_data=False)
     # CellFlow refuses a control population (split-covariate group) without perturbed cells, such as the held-out

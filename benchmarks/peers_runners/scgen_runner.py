@@ -34,16 +34,15 @@ def main(folder: str) -> None:
     rng = np.random.default_rng(job.seed)
     train = job.read_train()
     trained = set(train.obs[job.pert_key].astype(str)) - {job.control}
-    todo = []
-    for cond in job.conditions:
+
+    def why_not(cond: dict) -> str | None:
         if job.context_key is None:
-            job.mark_cannot(cond, "scGen transfers a perturbation across cell types; this task has no context column")
-        elif str(cond["perturbation"]) not in trained:
-            job.mark_cannot(cond, "perturbation never seen in training (scGen needs its cells in other contexts)")
-        elif not job.where(train, cond, job.control).any():
-            job.mark_cannot(cond, "no control cells of the condition's context/batch in training")
-        else:
-            todo.append(cond)
+            return "scGen transfers a perturbation across cell types; this task has no context column"
+        if str(cond["perturbation"]) not in trained:
+            return "perturbation never seen in training (scGen needs its cells in other contexts)"
+        return None
+
+    todo = job.predictable(train, why_not)
     if not todo:
         job.write([], 0.0, 0.0, ["pertpy", "scvi-tools", "jax", "flax", "anndata"])
         return

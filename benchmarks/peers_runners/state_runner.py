@@ -55,14 +55,8 @@ def main(folder: str) -> None:
         train.obs[ctx_col] = ALL_CONTEXT
     train.obs[BATCH_COL] = train.obs[job.batch_key].astype(str) if job.batch_key else "b0"
     trained = set(train.obs[job.pert_key].astype(str))
-    todo = []
-    for cond in job.conditions:
-        if str(cond["perturbation"]) not in trained:
-            job.mark_cannot(cond, "perturbation never seen in training (STATE's one-hot map has no vector for it)")
-        elif not job.where(train, cond, job.control).any():
-            job.mark_cannot(cond, "no control cells of the condition's context/batch in training")
-        else:
-            todo.append(cond)
+    unseen = "perturbation never seen in training (STATE's one-hot map has no vector for it)"
+    todo = job.predictable(train, lambda cond: None if str(cond["perturbation"]) in trained else unseen)
     if not todo:
         job.write([], 0.0, 0.0, ["arc-state", "cell-load", "torch", "lightning", "anndata"])
         return

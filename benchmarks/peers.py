@@ -3,7 +3,7 @@
 This script installs nothing. Each peer lives in a virtual environment of its own (their pins clash with ours and
 with each other), made once with one line each (CPU wheels; ``PEERS`` below holds the same lines)::
 
-    python -m venv ~/peers/cellflow && ~/peers/cellflow/bin/pip install "cellflow-tools==0.0.9" "jax[cpu]"
+    python -m venv ~/peers/cellflow && ~/peers/cellflow/bin/pip install "cellflow-tools==0.0.9" "jax[cpu]" requests
     python -m venv ~/peers/scgen && ~/peers/scgen/bin/pip install "pertpy[scgen]==1.0.3" "jax[cpu]"
     python -m venv ~/peers/state && ~/peers/state/bin/pip install "arc-state==0.11.1" "torch>=2.4,<2.14"
 
@@ -65,7 +65,7 @@ PEERS = {
     "cellflow": (
         "CellFlow",
         "cellflow",
-        'python -m venv {venv} && {venv}/bin/pip install "cellflow-tools==0.0.9" "jax[cpu]"',
+        'python -m venv {venv} && {venv}/bin/pip install "cellflow-tools==0.0.9" "jax[cpu]" requests',
         "OT flow matching on 50 PCs, 5,000 iterations x 256 cells, MLPs 512",
     ),
     "state": (
@@ -210,16 +210,19 @@ def baseline(fold: Fold, cond: dict, seed: int) -> ad.AnnData:
 
 
 def score(fold: Fold, out: Path, methods, seeds) -> tuple[pd.DataFrame, list[dict]]:
-    """``tl.evaluate`` rows of every finished method (and the baseline) of one fold, and the runs' facts."""
+    """``tl.evaluate`` rows of every finished method (and the baseline) of one fold, and the runs' facts
+    (``methods``: those asked for, reported "missing" when they have not finished)."""
     tables, runs = [], []
     base = out / "jobs" / fold.folder
     for seed in seeds:
         preds = {}
-        for method in methods:
+        for method in PEERS:  # every method finished on disk, so that a merge by (task, fold, seed) loses none
             folder = base / f"{method}_s{seed}"
             name = PEERS[method][0]
             if not (folder / "result.json").exists():
-                runs.append({"task": fold.task, "fold": fold.name, "seed": seed, "method": name, "status": "missing"})
+                if method in methods:
+                    missing = {"task": fold.task, "fold": fold.name, "seed": seed, "method": name, "status": "missing"}
+                    runs.append(missing)
                 continue
             result = json.loads((folder / "result.json").read_text())
             cannot = "; ".join(sorted({c["reason"] for c in result["cannot"]}))

@@ -42,6 +42,10 @@ DEFAULTS = {
     "match_epsilon": 0.5,
     "condition_embedding_dim": 256,
     "cond_output_dropout": 0.9,
+    # ablations (not the tutorial's): "independent" pairs control and perturbed cells at random instead of by OT;
+    # use_context=False drops the context (and batch) covariates, so the map sees only the source cell's state
+    "match": "ot",
+    "use_context": True,
 }
 
 
@@ -50,6 +54,7 @@ def main(folder: str) -> None:
     pin_threads(job.threads)
     import functools
 
+    import jax.numpy as jnp
     import numpy as np
     import optax
     import pandas as pd
@@ -77,7 +82,7 @@ def main(folder: str) -> None:
     train.uns["pert_onehot"][control] = np.zeros(len(seen), dtype=np.float32)
 
     sample_covs, sample_reps = [], {}
-    for key in [k for k in (job.context_key, job.batch_key) if k]:
+    for key in [k for k in (job.context_key, job.batch_key) if k and s["use_context"]]:
         values = sorted(train.obs[key].astype(str).unique())
         eye = np.eye(len(values), dtype=np.float32)
         train.uns[f"{key}_onehot"] = {v: eye[i] for i, v in enumerate(values)}
@@ -88,7 +93,8 @@ def main(folder: str) -> None:
         unseen = [t for t in job.components(cond["perturbation"]) if t not in train.uns["pert_onehot"]]
         if unseen:
             return f"perturbation(s) {unseen} never seen in training (one-hot has no vector)"
-        if job.context_key and str(cond.get("context")) not in train.uns[f"{job.context_key}_onehot"]:
+        known = train.uns.get(f"{job.context_key}_onehot", {})
+        if job.context_key and s["use_context"] and str(cond.get("context")) not in known:
             return f"context {cond.get('context')!r} never seen in training"
         return None
 
@@ -102,6 +108,15 @@ def main(folder: str) -> None:
     fit = train[groups.isin(with_target).to_numpy()].copy()
     s["n_cells_fitted"] = int(fit.n_obs)
     width = int(s["width"])
+    if s["match"] == "ot":
+        match_fn = functools.partial(match_linear, epsilon=float(s["match_epsilon"]), tau_a=1.0, tau_b=1.0)
+    elif s["match"] == "independent":  # the uniform coupling: pairs drawn at random, as PerturbDiff's sets are
+
+        def match_fn(src, tgt):
+            return jnp.full((src.shape[0], tgt.shape[0]), 1.0 / (src.shape[0] * tgt.shape[0]))
+
+    else:
+        raise ValueError(f"settings['match'] must be 'ot' or 'independent', not {s['match']!r}")
     cf = CellFlow(fit, solver="otfm")
     cf.prepare_data(
         sample_rep="X_pca",
@@ -131,7 +146,7 @@ def main(folder: str) -> None:
         decoder_dims=[width] * 3,
         conditioning="concatenation",
         probability_path={"constant_noise": float(s["constant_noise"])},
-        match_fn=functools.partial(match_linear, epsilon=float(s["match_epsilon"]), tau_a=1.0, tau_b=1.0),
+        match_fn=match_fn,
         optimizer=optax.MultiSteps(optax.adam(float(s["learning_rate"])), int(s["grad_accumulation"])),
         seed=job.seed,
     )

@@ -4,7 +4,8 @@ Run by ``benchmarks/peers.py`` as ``<this venv>/bin/python perturbdiff_runner.py
 so that PerturbDiff's train time is measured the way the peers' are, in a process of its own with the same thread
 count. ``PerturbDiff.setup_anndata`` with the job's keys (``combination_delimiter`` for combinations),
 ``PerturbDiff(adata)`` and ``train()`` with the package defaults (``settings["max_steps"]`` overrides the step
-count); ``predict_population`` with its defaults for ``pred.h5ad``, and ``guidance_scale=0`` from the same trained
+count, ``settings["options"]`` is a dict of :class:`~perturbdiff_scvi.model.DiffusionOptions` for an ablation);
+``predict_population`` with its defaults for ``pred.h5ad``, and ``guidance_scale=0`` from the same trained
 model as the variant ``PerturbDiff (guidance 0)``.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Job, pin_threads
 
-DEFAULTS = {"max_steps": None}
+DEFAULTS = {"max_steps": None, "options": {}}
 VARIANTS = {"PerturbDiff (guidance 0)": {"guidance_scale": 0.0}}
 
 
@@ -29,6 +30,7 @@ def main(folder: str) -> None:
     import torch
 
     from perturbdiff_scvi import PerturbDiff
+    from perturbdiff_scvi.model import DiffusionOptions
 
     torch.set_num_threads(job.threads)
     s = job.settings = {**DEFAULTS, **job.settings}
@@ -42,7 +44,7 @@ def main(folder: str) -> None:
         combination_delimiter=job.delimiter,
     )
     scvi.settings.seed = job.seed
-    model = PerturbDiff(train)
+    model = PerturbDiff(train, options=DiffusionOptions(**s["options"]) if s["options"] else None)
     t0 = time.time()
     model.train(max_steps=s["max_steps"], enable_progress_bar=False)
     train_seconds = time.time() - t0

@@ -1,4 +1,5 @@
-"""``predict_population(counts=True)``, ``energy_weighting="abar"``, ``preconditioning="edm"``; the removed
+"""``predict_population(counts=True)``, ``energy_weighting="abar"``, ``preconditioning="edm"``,
+``context_embedding=False``; the removed
 ``init="control"`` and ``preconditioning="edm_shrink"``."""
 
 from __future__ import annotations
@@ -193,3 +194,21 @@ def test_transport_counts_take_the_library_of_distinct_control_cells(counts_mode
     )
     pool_libs = np.sort(np.asarray(model.adata.layers["counts"][pool].sum(1)).ravel())
     np.testing.assert_array_equal(np.sort(pred.layers["counts"].sum(1)), pool_libs)
+
+
+def test_context_embedding_false_trains_saves_and_loads(setup_adata, tmp_path):
+    from perturbdiff_scvi import PerturbDiff
+
+    model = PerturbDiff(setup_adata, **tiny(context_embedding=False))
+    assert model.module.denoiser.cov_embed.context is None
+    assert not any("cov_embed.context" in name for name in model.module.state_dict())
+    model.train(**TINY_TRAIN)
+    a = model.predict_population("A", contexts="c0", n_cells=9, seed=3, n_steps=2)
+    # the context still picks the control cells the prediction starts from
+    b = model.predict_population("A", contexts="c1", n_cells=9, seed=3, n_steps=2)
+    assert np.isfinite(a.X).all() and not np.allclose(a.X, b.X)
+    model.save(tmp_path / "model", overwrite=True)
+    loaded = PerturbDiff.load(tmp_path / "model", adata=setup_adata.copy())
+    assert loaded.init_params_["non_kwargs"]["options"]["context_embedding"] is False
+    c = loaded.predict_population("A", contexts="c0", n_cells=9, seed=3, n_steps=2)
+    np.testing.assert_array_equal(a.X, c.X)

@@ -58,6 +58,7 @@ def test_bad_keys_at_setup(scvi_module, kwargs, error, match):
         ({"input_scale": 0}, "input_scale must be > 0"),
         ({"energy_weight": 0, "mse_weight": 0}, "both 0"),
         ({"mlp_ratio": float("nan")}, "mlp_ratio must be a finite number"),
+        ({"context_embedding": "no"}, "context_embedding must be True or False"),
     ],
 )
 def test_bad_hyperparameters_name_the_argument(setup_adata, kwargs, match):

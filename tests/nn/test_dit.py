@@ -14,9 +14,9 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _model(randomise: bool = True, seed: int = 0) -> SetDiT:
+def _model(randomise: bool = True, seed: int = 0, **kwargs) -> SetDiT:
     torch.manual_seed(seed)
-    model = SetDiT(G, P, C, NB, n_hidden=16, depth=2, n_heads=2, n_cov=8).eval()
+    model = SetDiT(G, P, C, NB, n_hidden=16, depth=2, n_heads=2, n_cov=8, **kwargs).eval()
     if randomise:  # adaLN-Zero makes every block the identity at init; break that to test the mixing
         with torch.no_grad():
             for p in model.parameters():
@@ -147,6 +147,19 @@ def test_each_covariate_changes_the_output(which):
         codes[which] = torch.tensor([1])
         out2 = model(x_t, t, x_ctrl, *codes, sc)
     assert (out2 - out).abs().max() > 1e-4
+
+
+def test_without_context_embedding_the_context_reaches_it_only_through_the_controls():
+    model = _model(context_embedding=False)
+    assert model.cov_embed.context is None
+    x_t, t, x_ctrl, _, _, _, sc = _inputs(b=1, s=5)
+    pert, batch = torch.tensor([1]), torch.tensor([0])
+    with torch.no_grad():
+        out = model(x_t, t, x_ctrl, pert, torch.tensor([0]), batch, sc)
+        other_code = model(x_t, t, x_ctrl, pert, torch.tensor([1]), batch, sc)
+        other_controls = model(x_t, t, x_ctrl + 1.0, pert, torch.tensor([0]), batch, sc)
+    torch.testing.assert_close(out, other_code)
+    assert (other_controls - out).abs().max() > 1e-4
 
 
 def test_drop_none_equals_all_false():

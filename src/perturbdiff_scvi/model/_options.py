@@ -62,6 +62,12 @@ class DiffusionOptions:
         Decay of the exponential moving average of the weights used for prediction.
     ema_every
         Optimiser steps between EMA updates (10 in the paper's 200k-step runs; 1 here for short runs).
+    context_embedding
+        ``True`` (released): the context is embedded with the perturbation and the batch. ``False`` (not in the
+        released method): it is left out of the covariates, so the denoiser learns the context only from the
+        matched control cells it is given, as a model that maps control cells (CellFlow) does; a held-out
+        context then differs from the training ones only in its cells, not in an embedding trained on its
+        control sets alone.
 
     Examples
     --------
@@ -83,6 +89,7 @@ class DiffusionOptions:
     p_self_cond: float = 0.5
     ema_decay: float = 0.99
     ema_every: int = 1
+    context_embedding: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)

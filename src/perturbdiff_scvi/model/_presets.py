@@ -57,4 +57,6 @@ def check_hyperparameters(**hp) -> dict:
         hp[name] = finite_number(hp[name], name, minimum=0)
         if hp[name] > 1:
             raise ValueError(f"{name} is a probability / decay and must lie in [0, 1]; got {hp[name]!r}.")
+    if not isinstance(hp["context_embedding"], bool):
+        raise ValueError(f"context_embedding must be True or False; got {hp['context_embedding']!r}.")
     return hp

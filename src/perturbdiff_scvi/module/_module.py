@@ -69,6 +69,8 @@ class PerturbDiffModule(BaseModuleClass):
         Probability per step of the self-conditioning pass.
     ema_decay, ema_every
         EMA of the denoiser weights, updated every ``ema_every`` optimiser steps.
+    context_embedding
+        Embed the context with the covariates (released); ``False``: only through the matched control cells.
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class PerturbDiffModule(BaseModuleClass):
         p_self_cond: float = 0.5,
         ema_decay: float = 0.99,
         ema_every: int = 1,
+        context_embedding: bool = True,
     ):
         super().__init__()
         if preconditioning not in ("none", "edm"):
@@ -128,6 +131,7 @@ class PerturbDiffModule(BaseModuleClass):
             n_cov_hidden=n_cov_hidden,
             nonnegative=preconditioning == "none",
             perturbation_features=perturbation_features,
+            context_embedding=context_embedding,
         )
         self.ema = copy.deepcopy(self.denoiser).requires_grad_(False)
         if perturbation_components is not None:

@@ -57,6 +57,8 @@ class CovariateEmbedder(nn.Module):
     embeddings are summed, so ``A+B`` is embedded as ``e_A + e_B`` and the control (no component) as 0.
     With ``perturbation_features`` (a ``(n_perturbations, F)`` table), the perturbation branch is a
     :class:`~perturbdiff_scvi.nn.FeatureEncoder` of those rows instead of a lookup table; codes index its rows.
+    ``embed_context=False`` leaves the context out (its branch is zeros): the denoiser then knows the context
+    only from the matched control cells.
     """
 
     def __init__(
@@ -69,13 +71,14 @@ class CovariateEmbedder(nn.Module):
         n_cov_hidden: int,
         *,
         perturbation_features: torch.Tensor | None = None,
+        embed_context: bool = True,
     ):
         super().__init__()
         if perturbation_features is None:
             self.perturbation = nn.Embedding(n_perturbations, n_cov)
         else:
             self.perturbation = FeatureEncoder(perturbation_features, n_cov)
-        self.context = nn.Embedding(n_contexts, n_cov)
+        self.context = nn.Embedding(n_contexts, n_cov) if embed_context else None
         self.batch = nn.Embedding(n_batches, n_cov)
         self.project = nn.Linear(3 * n_cov, n_cov_hidden)
         self.to_hidden = nn.Sequential(nn.SiLU(), nn.Linear(n_cov_hidden, n_hidden))
@@ -84,7 +87,9 @@ class CovariateEmbedder(nn.Module):
     def forward(
         self, pert: torch.Tensor, ctx: torch.Tensor, batch: torch.Tensor, drop: torch.Tensor | None = None
     ) -> torch.Tensor:  # codes (B,) -> (B, H)
-        cov = torch.cat([self.embed_perturbation(pert), self.context(ctx), self.batch(batch)], dim=-1)
+        batch_emb = self.batch(batch)
+        ctx_emb = self.context(ctx) if self.context is not None else torch.zeros_like(batch_emb)
+        cov = torch.cat([self.embed_perturbation(pert), ctx_emb, batch_emb], dim=-1)
         emb = self.to_hidden(self.project(cov))
         if drop is not None:
             emb = torch.where(drop[:, None], self.null.expand_as(emb), emb)
@@ -249,6 +254,9 @@ class SetDiT(nn.Module):
     perturbation_features
         Optional ``(n_perturbations, F)`` feature table: the perturbation embedding is then computed from these
         rows (:class:`~perturbdiff_scvi.nn.FeatureEncoder`) instead of looked up.
+    context_embedding
+        Embed the context with the covariates (released); ``False``: the context reaches the denoiser only
+        through its matched control cells.
     """
 
     def __init__(
@@ -266,6 +274,7 @@ class SetDiT(nn.Module):
         n_cov_hidden: int | None = None,
         nonnegative: bool = True,
         perturbation_features: torch.Tensor | None = None,
+        context_embedding: bool = True,
     ):
         super().__init__()
         self.n_genes = n_genes
@@ -282,6 +291,7 @@ class SetDiT(nn.Module):
             n_cov,
             n_cov_hidden or n_genes,
             perturbation_features=perturbation_features,
+            embed_context=context_embedding,
         )
         # The control stream's output of the last block is never used: that block skips the control update.
         self.blocks = nn.ModuleList(

@@ -4,7 +4,7 @@ This script installs nothing. Each peer lives in a virtual environment of its ow
 with each other), made once with one line each (CPU wheels; ``PEERS`` below holds the same lines)::
 
     python -m venv ~/peers/cellflow && ~/peers/cellflow/bin/pip install "cellflow-tools==0.0.9" "jax[cpu]" requests
-    python -m venv ~/peers/scgen && ~/peers/scgen/bin/pip install "pertpy[scgen]==1.0.3" "jax[cpu]"
+    python -m venv ~/peers/scgen && ~/peers/scgen/bin/pip install "pertpy[scgen]==1.0.3" "jax[cpu]" "statsmodels<0.15"
     python -m venv ~/peers/state && ~/peers/state/bin/pip install "arc-state==0.11.1" "torch>=2.4,<2.14"
 
 ``--venvs ~/peers`` points at them (``<venvs>/<peer>/bin/python``); PerturbDiff runs with this interpreter. For each
@@ -261,17 +261,24 @@ def summarise(results: pd.DataFrame, runs: pd.DataFrame, out: Path) -> str:
     lines += [
         f"Metrics from `tl.evaluate` (PCA of {N_PCS} PCs fitted on the training cells of each fold; C2ST 0.5 = "
         "indistinguishable from real cells; pd = pearson_delta). Each cell: mean over the fold's conditions, then "
-        "over folds, then mean ± sd over seeds. Train time: seconds per fold, each method in its own process with "
+        "over folds, then mean ± sd over seeds; *folds* and *seeds* say what a method was run on (a seed counts "
+        "only where it covers all of the method's folds). Train time: seconds per fold, each method in its own process with "
         "the same thread count. **Bold**: best of the methods (baselines excluded).",
         "",
     ]
     metrics = [m for m, _, _ in SUMMARY]
     for task, frame in results.groupby("task", sort=False):
         sub = frame[frame["metric"].isin(metrics)]
-        per_seed = sub.groupby(["method", "seed", "metric"])["value"].mean().unstack("metric")
+        # a seed counts for a method only where it covers as many folds as the method's best-covered seed, so
+        # that a seed run on one fold is not averaged with seeds run on all of them
+        n_folds = sub.groupby(["method", "seed"])["fold"].nunique()
+        complete = n_folds[n_folds == n_folds.groupby("method").transform("max")].reset_index()[["method", "seed"]]
+        sub = sub.merge(complete, on=["method", "seed"])
+        fold_means = sub.groupby(["method", "seed", "fold", "metric"])["value"].mean()
+        per_seed = fold_means.groupby(["method", "seed", "metric"]).mean().unstack("metric")
         mean, sd = per_seed.groupby("method").mean(), per_seed.groupby("method").std()
         r = runs[(runs["task"] == task) & (runs["status"] != "missing")]
-        times = r.groupby("method")["train_seconds"].mean()
+        times = r.merge(complete, on=["method", "seed"]).groupby("method")["train_seconds"].mean()
         cannot = r[r["status"].str.startswith("cannot")].groupby("method")["status"].first()
         n_seeds = per_seed.reset_index().groupby("method")["seed"].nunique()
         folds_ = sorted(frame["fold"].unique())
@@ -282,7 +289,7 @@ def summarise(results: pd.DataFrame, runs: pd.DataFrame, out: Path) -> str:
         methods_only = [m for m in order if m not in ("additive", "linear")]
         rows = []
         for method in order:
-            row = {"method": method, "seeds": int(n_seeds.get(method, 0))}
+            row = {"method": method, "folds": int(n_folds[method].max()), "seeds": int(n_seeds.get(method, 0))}
             t = times.get(method)
             row["train s"] = "-" if t is None or np.isnan(t) else f"{t:.0f}"
             for metric, header, better in SUMMARY:
@@ -296,7 +303,7 @@ def summarise(results: pd.DataFrame, runs: pd.DataFrame, out: Path) -> str:
             rows.append(row)
         for method, status in cannot.items():
             if method not in mean.index:
-                rows.append({"method": method, "seeds": 0, "train s": "-", SUMMARY[0][1]: status})
+                rows.append({"method": method, "folds": 0, "seeds": 0, "train s": "-", SUMMARY[0][1]: status})
         lines += [f"## {task} (folds: {', '.join(folds_)})", "", md(pd.DataFrame(rows).fillna("")), ""]
         partial = r[r["status"].str.startswith("cannot") & r["method"].isin(mean.index)]
         for _, p in partial.drop_duplicates("method").iterrows():
@@ -346,7 +353,10 @@ def main(argv=None) -> None:
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per job")
     parser.add_argument("--settings", default="{}", help="JSON {method: {setting: value}} for the runners")
     parser.add_argument("--n-top-genes", type=int, default=2000)
-    parser.add_argument("--summary-only", action="store_true", help="rescore what is on disk; run nothing")
+    parser.add_argument("--summary-only", action="store_true", help="summarise results.csv again; run nothing")
+    parser.add_argument(
+        "--score-only", action="store_true", help="score the finished jobs of these tasks / folds / seeds; run nothing"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -366,6 +376,8 @@ def main(argv=None) -> None:
     else:
         all_folds = [f for task in tasks for f in folds(task, picked.get(task), args.n_top_genes)]
         todo = [job for f in all_folds for job in write_jobs(f, out, methods, seeds, args.threads, settings)]
+        if args.score_only:
+            todo = []
         print(f"{len(todo)} jobs to run, {args.jobs} at a time", flush=True)
         with ThreadPoolExecutor(args.jobs) as pool:
             for line in pool.map(lambda j: run_job(j[0], j[1], Path(args.venvs), args.timeout), todo):

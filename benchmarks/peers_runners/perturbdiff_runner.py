@@ -4,7 +4,8 @@ Run by ``benchmarks/peers.py`` as ``<this venv>/bin/python perturbdiff_runner.py
 so that PerturbDiff's train time is measured the way the peers' are, in a process of its own with the same thread
 count. ``PerturbDiff.setup_anndata`` with the job's keys (``combination_delimiter`` for combinations),
 ``PerturbDiff(adata)`` and ``train()`` with the package defaults (``settings["max_steps"]`` overrides the step
-count, ``settings["options"]`` is a dict of :class:`~perturbdiff_scvi.model.DiffusionOptions` for an ablation);
+count, ``settings["options"]`` is a dict of :class:`~perturbdiff_scvi.model.DiffusionOptions` for an ablation,
+``settings["precision"]`` the trainer's precision, e.g. ``"bf16-mixed"``);
 ``predict_population`` with its defaults for ``pred.h5ad``, and ``guidance_scale=0`` from the same trained
 model as the variant ``PerturbDiff (guidance 0)``.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Job, pin_threads
 
-DEFAULTS = {"max_steps": None, "options": {}}
+DEFAULTS = {"max_steps": None, "options": {}, "precision": None}
 VARIANTS = {"PerturbDiff (guidance 0)": {"guidance_scale": 0.0}}
 
 
@@ -46,7 +47,8 @@ def main(folder: str) -> None:
     scvi.settings.seed = job.seed
     model = PerturbDiff(train, options=DiffusionOptions(**s["options"]) if s["options"] else None)
     t0 = time.time()
-    model.train(max_steps=s["max_steps"], enable_progress_bar=False)
+    extra = {"precision": s["precision"]} if s["precision"] else {}
+    model.train(max_steps=s["max_steps"], enable_progress_bar=False, **extra)
     train_seconds = time.time() - t0
     s["train_steps"] = int(model.trainer.global_step)
 

@@ -1,5 +1,5 @@
 """``predict_population(counts=True)``, ``energy_weighting="abar"``, ``preconditioning="edm"``,
-``context_embedding=False``; the removed
+``context_embedding=False``, ``control_skip=True``; the removed
 ``init="control"`` and ``preconditioning="edm_shrink"``."""
 
 from __future__ import annotations
@@ -212,3 +212,30 @@ def test_context_embedding_false_trains_saves_and_loads(setup_adata, tmp_path):
     assert loaded.init_params_["non_kwargs"]["options"]["context_embedding"] is False
     c = loaded.predict_population("A", contexts="c0", n_cells=9, seed=3, n_steps=2)
     np.testing.assert_array_equal(a.X, c.X)
+
+
+def test_control_skip_starts_each_cell_from_its_paired_control_cell(setup_adata):
+    from perturbdiff_scvi import PerturbDiff
+
+    model = PerturbDiff(setup_adata, **tiny(control_skip=True))
+    module = model.module
+    assert not module.denoiser.final.nonnegative  # raw change; the ReLU comes after adding the control cell
+
+    def zero_net(x_t, t, *condition):
+        return torch.zeros_like(x_t)
+
+    def minus_one(x_t, t, *condition):
+        return -torch.ones_like(x_t)
+
+    x_t, x_ctrl = torch.randn(2, 3, 4), torch.rand(2, 3, 4) * 3
+    t = torch.tensor([999, 0])
+    torch.testing.assert_close(module._x0(zero_net, x_t, t, x_ctrl), x_ctrl)  # no change = the control cells
+    torch.testing.assert_close(module._x0(minus_one, x_t, t, x_ctrl), torch.relu(x_ctrl - 1))
+    # it trains and predicts (whether it helps is measured in benchmarks/results/peers_ablations)
+    model.train(**TINY_TRAIN)
+    pred = model.predict_population("A", contexts="c0", n_cells=9, seed=3, n_steps=2)
+    assert np.isfinite(pred.X).all() and (pred.X >= 0).all()
+    with pytest.raises(ValueError, match="control_skip must be True or False"):
+        PerturbDiff(setup_adata, **tiny(control_skip=1))
+    with pytest.raises(ValueError, match="needs preconditioning='none'"):
+        PerturbDiff(setup_adata, **tiny(control_skip=True, preconditioning="edm"))

@@ -68,6 +68,12 @@ class DiffusionOptions:
         matched control cells it is given, as a model that maps control cells (CellFlow) does; a held-out
         context then differs from the training ones only in its cells, not in an embedding trained on its
         control sets alone.
+    control_skip
+        ``False`` (released): the denoiser's output is the clean estimate ``x0``. ``True`` (not in the released
+        method): it is the change from the control cell its token is paired with, ``x0_i = relu(x_ctrl_i + F_i)``,
+        so that a cell starts from a real control cell and the network learns only the response, as a flow from
+        the control cells (CellFlow) does. Control and perturbed cells stay unpaired in training (a random
+        index pairing of the two sets); needs ``preconditioning="none"``.
 
     Examples
     --------
@@ -90,6 +96,7 @@ class DiffusionOptions:
     ema_decay: float = 0.99
     ema_every: int = 1
     context_embedding: bool = True
+    control_skip: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

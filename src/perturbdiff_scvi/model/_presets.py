@@ -59,4 +59,11 @@ def check_hyperparameters(**hp) -> dict:
             raise ValueError(f"{name} is a probability / decay and must lie in [0, 1]; got {hp[name]!r}.")
     if not isinstance(hp["context_embedding"], bool):
         raise ValueError(f"context_embedding must be True or False; got {hp['context_embedding']!r}.")
+    if not isinstance(hp["control_skip"], bool):
+        raise ValueError(f"control_skip must be True or False; got {hp['control_skip']!r}.")
+    if hp["control_skip"] and hp["preconditioning"] != "none":
+        raise ValueError(
+            "control_skip=True adds the paired control cell to the denoiser's output and needs "
+            f"preconditioning='none'; got preconditioning={hp['preconditioning']!r}."
+        )
     return hp

@@ -71,6 +71,9 @@ class PerturbDiffModule(BaseModuleClass):
         EMA of the denoiser weights, updated every ``ema_every`` optimiser steps.
     context_embedding
         Embed the context with the covariates (released); ``False``: only through the matched control cells.
+    control_skip
+        ``False`` (released): the denoiser outputs ``x0``. ``True``: it outputs the change from the control cell
+        each token is index-paired with, ``x0_i = relu(x_ctrl_i + F_i)`` (needs ``preconditioning="none"``).
     """
 
     def __init__(
@@ -102,10 +105,13 @@ class PerturbDiffModule(BaseModuleClass):
         ema_decay: float = 0.99,
         ema_every: int = 1,
         context_embedding: bool = True,
+        control_skip: bool = False,
     ):
         super().__init__()
         if preconditioning not in ("none", "edm"):
             raise ValueError(f"preconditioning must be 'none' or 'edm'; got {preconditioning!r}.")
+        if control_skip and preconditioning != "none":
+            raise ValueError("control_skip=True needs preconditioning='none'.")
         self.n_genes = n_genes
         self.set_size = set_size
         self.input_scale = input_scale
@@ -113,6 +119,7 @@ class PerturbDiffModule(BaseModuleClass):
         self.mse_weight = mse_weight
         self.energy_weighting = energy_weighting
         self.preconditioning = preconditioning
+        self.control_skip = control_skip
         self.sigma_data = float(sigma_data)
         self.p_drop_cond = p_drop_cond
         self.p_self_cond = p_self_cond
@@ -129,7 +136,7 @@ class PerturbDiffModule(BaseModuleClass):
             mlp_ratio=mlp_ratio,
             n_cov=n_cov,
             n_cov_hidden=n_cov_hidden,
-            nonnegative=preconditioning == "none",
+            nonnegative=preconditioning == "none" and not control_skip,
             perturbation_features=perturbation_features,
             context_embedding=context_embedding,
         )
@@ -144,6 +151,8 @@ class PerturbDiffModule(BaseModuleClass):
     def _x0(self, net, x_t: torch.Tensor, t: torch.Tensor, *condition) -> torch.Tensor:
         """The clean estimate of ``net`` at ``(x_t, t)``, with the preconditioning applied."""
         out = net(x_t, t, *condition)
+        if self.control_skip:  # condition[0] is x_ctrl, index-paired with the cells of x_t
+            return torch.relu(condition[0] + out)
         if self.preconditioning == "none":
             return out
         abar = self.diffusion.alphas_cumprod[t].to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))

@@ -262,8 +262,8 @@ def summarise(results: pd.DataFrame, runs: pd.DataFrame, out: Path) -> str:
         f"Metrics from `tl.evaluate` (PCA of {N_PCS} PCs fitted on the training cells of each fold; C2ST 0.5 = "
         "indistinguishable from real cells; pd = pearson_delta). Each cell: mean over the fold's conditions, then "
         "over folds, then mean ± sd over seeds; *folds* and *seeds* say what a method was run on (a seed counts "
-        "only where it covers all of the method's folds). Train time: seconds per fold, each method in its own process with "
-        "the same thread count. **Bold**: best of the methods (baselines excluded).",
+        "only where it covers all of the method's folds). Train time: seconds per fold, each method in its own "
+        "process with the same thread count. **Bold**: best of the methods (baselines excluded).",
         "",
     ]
     metrics = [m for m, _, _ in SUMMARY]

@@ -12,7 +12,9 @@ the defaults of ``benchmarks/results/peers`` (same fold, same seeds, same scorin
 - ``perturbdiff_control_skip``: ``DiffusionOptions(control_skip=True)``, each cell the change from its paired
   control cell (CellFlow starts each cell at a control cell);
 - ``perturbdiff_control_skip_energy_only``: the same with ``mse_weight=0`` (the set energy alone, as STATE);
-- ``perturbdiff_bf16``: the defaults trained under ``precision="bf16-mixed"`` (more steps per CPU-second?).
+- ``perturbdiff_bf16``: the defaults trained under ``precision="bf16-mixed"`` (more steps per CPU-second?);
+- ``perturbdiff_steps3000``, ``perturbdiff_steps6000``: the defaults trained 2x and 4x as long (1,500 steps is the
+  default): what more CPU-minutes buy.
 
 Run (2-core CPU; each ablation is one or three trainings of 3-8 minutes)::
 
@@ -42,6 +44,8 @@ ABLATIONS: dict[str, tuple[str, dict]] = {
     "perturbdiff_control_skip": ("perturbdiff", {"options": {"control_skip": True}}),
     "perturbdiff_control_skip_energy_only": ("perturbdiff", {"options": {"control_skip": True, "mse_weight": 0}}),
     "perturbdiff_bf16": ("perturbdiff", {"precision": "bf16-mixed"}),
+    "perturbdiff_steps3000": ("perturbdiff", {"max_steps": 3000}),
+    "perturbdiff_steps6000": ("perturbdiff", {"max_steps": 6000}),
 }
 METRICS = {
     "pearson_delta_top100_de": "pd top-100",

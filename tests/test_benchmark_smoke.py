@@ -183,3 +183,32 @@ def test_calibration_benchmark_learns_conformal_intervals_on_other_types(tmp_pat
         [*cmd, "--calibrate-on", "CD4 T cells", "--out", str(tmp_path / "x")], capture_output=True, text=True
     )
     assert clash.returncode != 0 and "must not share a cell type" in clash.stderr
+
+
+PEERS = SCRIPT.parent / "peers.py"
+
+
+@pytest.mark.skipif(not PEERS.exists(), reason="benchmarks/ is not shipped in the sdist")
+def test_peers_summary_counts_a_seed_only_where_it_covers_all_folds(tmp_path, monkeypatch):
+    """A seed run on one fold of two is left out of that method's row, not averaged with the complete seeds."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(PEERS.parent))  # peers.py imports accuracy.py from its folder
+    spec = importlib.util.spec_from_file_location("peers_benchmark", PEERS)
+    peers = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, peers)  # its dataclasses look their module up
+    spec.loader.exec_module(peers)
+    rows, runs = [], []
+    values = {("PerturbDiff", 0, "a"): 0.9, ("PerturbDiff", 0, "b"): 0.7, ("PerturbDiff", 1, "a"): 0.1}
+    values.update({("CellFlow", 0, "a"): 0.6, ("CellFlow", 0, "b"): 0.4, ("CellFlow", 1, "a"): 0.8})
+    values.update({("CellFlow", 1, "b"): 0.6})
+    for (method, seed, fold), v in values.items():
+        rows.append(
+            {"task": "kang", "fold": fold, "seed": seed, "method": method, "metric": "pearson_delta", "value": v}
+        )
+        runs.append({"task": "kang", "fold": fold, "seed": seed, "method": method, "train_seconds": 10.0 * (1 + seed),
+                     "status": "ok", "n_cannot": 0})  # fmt: skip
+    text = peers.summarise(pd.DataFrame(rows), pd.DataFrame(runs), tmp_path)
+    assert "| PerturbDiff | 2 | 1 | 10 | **0.800 ± 0.000** |" in text  # seed 1 (fold a only) left out
+    assert "| CellFlow | 2 | 2 | 15 | 0.600 ± 0.141 |" in text  # seeds 0 and 1: 0.5 and 0.7
+    assert (tmp_path / "summary.md").read_text() == text

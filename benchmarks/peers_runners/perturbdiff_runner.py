@@ -7,7 +7,7 @@ count. ``PerturbDiff.setup_anndata`` with the job's keys (``combination_delimite
 count, ``settings["options"]`` is a dict of :class:`~perturbdiff_scvi.model.DiffusionOptions` for an ablation,
 ``settings["precision"]`` the trainer's precision, e.g. ``"bf16-mixed"``);
 ``predict_population`` with its defaults for ``pred.h5ad``, and ``guidance_scale=0`` from the same trained
-model as the variant ``PerturbDiff (guidance 0)``.
+model as the variant ``PerturbDiff (guidance 0)``. The trained model is saved to ``<job folder>/model``.
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ def main(folder: str) -> None:
             X = out.X.toarray() if hasattr(out.X, "toarray") else np.asarray(out.X)
             (preds if name is None else variants[name]).append(job.prediction(X, train.var_names, cond))
     job.write(preds, train_seconds, time.time() - t0, ["perturbdiff-scvi", "scvi-tools", "torch"], variants)
+    # the trained model stays in the job folder (not committed), so that prediction options can be compared later
+    # without training again: PerturbDiff.load(f"{folder}/model", adata=train)
+    model.save(str(Path(folder) / "model"), overwrite=True)
 
 
 if __name__ == "__main__":

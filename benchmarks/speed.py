@@ -125,11 +125,14 @@ def time_training(
     sets_per_batch: int,
     accelerator: str,
     precision: str | None,
+    compile: bool = False,
 ) -> dict:
-    """Median s/step of a real ``model.train`` (see the module docstring)."""
+    """Median s/step of a real ``model.train`` (see the module docstring); ``compile``: ``train(compile=True)``."""
     model = build_model(config, set_size, n_genes)
     timer = make_timer()
     kwargs = {"precision": precision} if precision else {}
+    if compile:
+        kwargs["compile"] = True
     start = time.perf_counter()
     model.train(
         max_steps=steps + warmup,
@@ -152,6 +155,7 @@ def time_training(
         "n_genes": n_genes,
         "sets_per_batch": sets_per_batch,
         "precision": precision or "32",
+        "compile": compile,
         "steps_timed": len(measured),
         "s_per_step": step_s,
         "s_per_step_iqr": float(np.subtract(*np.percentile(measured, [75, 25]))),
@@ -315,8 +319,9 @@ def markdown(report: dict) -> str:
         for r in report["train"]:
             mfu = f"{r['mfu']:.3f}" if r.get("mfu") is not None else "n/a (no GPU)"
             lines.append(
-                f"| {r['config']} | {r['set_size']} | {r['n_genes']} | {r['sets_per_batch']} | {r['precision']} | "
-                f"{r['s_per_step']:.4f} | {r['cells_per_s']:.0f} | {r['wall_s_per_step_incl_data']:.4f} | "
+                f"| {r['config']} | {r['set_size']} | {r['n_genes']} | {r['sets_per_batch']} | {r['precision']}"
+                f"{', compiled' if r.get('compile') else ''} | {r['s_per_step']:.4f} | {r['cells_per_s']:.0f} | "
+                f"{r['wall_s_per_step_incl_data']:.4f} | "
                 f"{r['flops'] / 1e9:.1f} | {r['achieved_flops'] / 1e9:.1f} | {mfu} |"
             )
         lines.append("")
@@ -373,7 +378,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--steps", type=int, default=10, help="timed optimiser steps per configuration")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--sets-per-batch", type=int, default=8)
-    parser.add_argument("--precision", default=None, help="e.g. bf16-mixed (GPU)")
+    parser.add_argument("--precision", default=None, help="e.g. bf16-mixed (GPU; on a CPU it runs too)")
+    parser.add_argument("--compile", action="store_true", help="train(compile=True): torch.compile the denoiser")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--sample-steps", default="10,50,100", help="DDIM step counts for the sampling rows")
@@ -400,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     for config, set_size, n_genes in parse_grid(args.grid):
         row = time_training(
             config, set_size, n_genes, steps=args.steps, warmup=args.warmup, sets_per_batch=args.sets_per_batch,
-            accelerator=args.accelerator, precision=args.precision,
+            accelerator=args.accelerator, precision=args.precision, compile=args.compile,
         )  # fmt: skip
         model = row.pop("_model")
         row["flops"] = training_flops(model, args.sets_per_batch)

@@ -10,7 +10,10 @@ response; below 1, a shrunken one), and the cosine between the predicted and the
 
 Run (after ``peers.py`` has trained PerturbDiff on the folds; a few minutes on 2 cores)::
 
-    python benchmarks/peers_guidance.py --jobs benchmarks/results/peers/jobs --scales 0,0.25,0.5,1
+    python benchmarks/peers_guidance.py --jobs benchmarks/results/peers/jobs --scales 0,0.25,0.5,1,auto
+
+(``auto``: ``predict_population(guidance_scale="auto")``, the scale chosen per condition to match the response size
+of the perturbation in the training contexts nearest to this one.)
 
 Writes ``benchmarks/results/peers_guidance/{results.csv,summary.md}``.
 """
@@ -42,7 +45,7 @@ def dense_x(a: ad.AnnData) -> np.ndarray:
     return np.asarray(a.X.toarray() if hasattr(a.X, "toarray") else a.X, dtype=np.float64)
 
 
-def sweep(fold: peers.Fold, base: Path, scales: list[float]) -> list[dict]:
+def sweep(fold: peers.Fold, base: Path, scales: list[float | str]) -> list[dict]:
     """Rows (fold, seed, scale, metric, value) for every trained PerturbDiff model of ``fold``."""
     from perturbdiff_scvi import PerturbDiff, tl
 
@@ -60,7 +63,7 @@ def sweep(fold: peers.Fold, base: Path, scales: list[float]) -> list[dict]:
             )  # fmt: skip
             for key in [k for k in fold.keys.values() if k]:
                 p.obs[key] = p.obs[key].astype(str)
-            preds[f"guidance {scale:g}"] = p
+            preds[f"guidance {scale:g}" if scale != "auto" else "guidance auto"] = p
         real = fold.real[:, train.var_names].copy()
         control = fold.control[:, train.var_names]
         table = tl.evaluate(
@@ -116,7 +119,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(HERE / "results" / "peers_guidance"))
     parser.add_argument("--n-top-genes", type=int, default=2000)
     args = parser.parse_args(argv)
-    scales = [float(s) for s in args.scales.split(",")]
+    scales = [s if s == "auto" else float(s) for s in args.scales.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -7,7 +7,8 @@ count. ``PerturbDiff.setup_anndata`` with the job's keys (``combination_delimite
 count, ``settings["options"]`` is a dict of :class:`~perturbdiff_scvi.model.DiffusionOptions` for an ablation,
 ``settings["precision"]`` the trainer's precision, e.g. ``"bf16-mixed"``);
 ``predict_population`` with its defaults for ``pred.h5ad``, and ``guidance_scale=0`` from the same trained
-model as the variant ``PerturbDiff (guidance 0)``. The trained model is saved to ``<job folder>/model``.
+model as the variant ``PerturbDiff (guidance 0)``, and ``guidance_scale="auto"`` as ``PerturbDiff (guidance
+auto)``. The trained model is saved to ``<job folder>/model``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Job, pin_threads
 
 DEFAULTS = {"max_steps": None, "options": {}, "precision": None}
-VARIANTS = {"PerturbDiff (guidance 0)": {"guidance_scale": 0.0}}
+VARIANTS = {
+    "PerturbDiff (guidance 0)": {"guidance_scale": 0.0},
+    "PerturbDiff (guidance auto)": {"guidance_scale": "auto"},
+}
 
 
 def main(folder: str) -> None:

@@ -548,7 +548,7 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
         n_cells: int | None = None,
         n_populations: int = 1,
         seed: int | None = None,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        guidance_scale: float | Literal["auto"] = DEFAULT_GUIDANCE_SCALE,
         n_steps: int | None = None,
         sampler_options: SamplerOptions | None = None,
         output_options: OutputOptions | None = None,
@@ -589,6 +589,12 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
             Classifier-free guidance weight ``w``: ``(1 + w) x0_cond - w x0_uncond``; 0 = no guidance. The
             default 0.5 was measured best for the small default model; the released value is 1.0 (use it with
             ``PAPER_CONFIG``). With weak responses (e.g. CRISPR screens) 0 did better (see the benchmarks).
+            ``"auto"`` (not in the released method): per condition, the scale of a grid (0 to 1.5) whose
+            predicted response ``|mean(pred) - mean(controls)|`` comes closest to the size of this perturbation's
+            response in the training contexts, weighted by how similar their control cells are to this
+            context's; the default scale where the perturbation was measured in no context. Each condition
+            is probed once per grid scale first (about 10x the sampling time); ``uns["perturbdiff"]
+            ["auto_guidance"]`` records the choices.
         n_steps
             Reverse steps of ``"ddim"`` / ``"ddpm"``, strided over the full schedule (1 to ``n_timesteps``);
             ``None`` = 1: one jump from pure noise to the model's clean estimate, which on every benchmark task

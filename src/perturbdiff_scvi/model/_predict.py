@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -56,7 +56,7 @@ class SamplingOptions:
 
     n_steps: int
     sampler: Sampler
-    guidance_scale: float
+    guidance_scale: float | Literal["auto"]
     batch_size: int
     use_ema: bool
     start_time: int | None = None
@@ -67,8 +67,11 @@ class SamplingOptions:
         """The user's ``n_steps``, ``guidance_scale`` and :class:`SamplerOptions`, checked for ``n_timesteps``."""
         sampler, start_time, batch_size = options.sampler, options.start_time, options.batch_size
         use_ema, progress_bar = options.use_ema, options.progress_bar
-        if not is_finite_number(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 (0 = no guidance); got {guidance_scale!r}.")
+        auto = isinstance(guidance_scale, str) and guidance_scale == "auto"
+        if not auto and (not is_finite_number(guidance_scale) or guidance_scale < 0):
+            raise ValueError(
+                f"guidance_scale must be a number >= 0 (0 = no guidance) or 'auto'; got {guidance_scale!r}."
+            )
         if not isinstance(sampler, str) or sampler not in SAMPLERS:
             raise ValueError(f"sampler must be {sampler_choices()}; got {sampler!r}.")
         if not isinstance(use_ema, bool | np.bool_):
@@ -95,7 +98,7 @@ class SamplingOptions:
         return cls(
             n_steps=positive_int(n_steps, "n_steps", upper=n_timesteps, upper_name="n_timesteps"),
             sampler=sampler,
-            guidance_scale=float(guidance_scale),
+            guidance_scale="auto" if auto else float(guidance_scale),
             batch_size=positive_int(batch_size, "batch_size"),
             use_ema=bool(use_ema),
             start_time=start_time,
@@ -227,6 +230,21 @@ def sample_jobs(
             **extra,
         )
         out.extend(x.cpu().numpy().reshape(len(chunk), s, -1))
+    return out
+
+
+def sample_with_scales(module, jobs, conditions, source, options, gen, x0_max, scales: list[float] | None):
+    """:func:`sample_jobs`, each condition at its own guidance scale (``scales``, one per condition; ``None``: all
+    at ``options.guidance_scale``). Jobs of one scale are sampled together, the scales in order of first use."""
+    if scales is None:
+        return sample_jobs(module, jobs, conditions, source, options, gen, x0_max)
+    out: list = [None] * len(jobs)
+    for w in dict.fromkeys(scales[job.condition] for job in jobs):
+        idx = [i for i, job in enumerate(jobs) if scales[job.condition] == w]
+        group = replace(options, guidance_scale=w)
+        for i, x in zip(idx, sample_jobs(module, [jobs[i] for i in idx], conditions, source, group, gen, x0_max),
+                        strict=True):  # fmt: skip
+            out[i] = x
     return out
 
 
@@ -413,11 +431,19 @@ def predict(
         set_size=module.set_size,
         rng=rng,
     )
-    cells = sample_jobs(module, jobs, conditions, source, sampling, gen, x0_max)
+    scales = targets = None
+    if sampling.guidance_scale == "auto":
+        from ._auto_guidance import choose_guidance
+
+        probe_seed = int(rng.integers(2**62))
+        scales, targets = choose_guidance(
+            sample_jobs, module, registry, jobs, conditions, source, sampling, x0_max, probe_seed
+        )
+    cells = sample_with_scales(module, jobs, conditions, source, sampling, gen, x0_max, scales)
     if bias_correction:
         label, pert, code = resolve_perturbation(registry, registry.control_value, pert_codes, pert_key)
         as_control = [cond._replace(label=label, pert=pert, code=code) for cond in conditions]
-        regenerated = sample_jobs(module, jobs, as_control, source, sampling, gen, x0_max)
+        regenerated = sample_with_scales(module, jobs, as_control, source, sampling, gen, x0_max, scales)
         cells = subtract_control_bias(jobs, conditions, cells, regenerated, source)
         if x0_max is not None:  # the correction may shift values up again: keep the documented bound
             cells = [np.minimum(x, x0_max).astype(x.dtype) for x in cells]
@@ -460,4 +486,13 @@ def predict(
         "counts": "None" if not counts else str(counts_layer),
         "transport": transport,
     }
+    if scales is not None:  # what "auto" chose, one entry per condition (in the order they were requested)
+        uns["auto_guidance"] = {
+            "perturbation": [str(c.label) for c in conditions],
+            "context": [str(registry.categories("context")[c.ctx]) if registry.context_key else "None"
+                        for c in conditions],
+            "batch": [str(registry.categories("batch")[c.batch]) if registry.batch_key else "None" for c in conditions],
+            "guidance_scale": np.asarray(scales, dtype=float),
+            "target_shift": np.asarray([np.nan if t is None else t for t in targets], dtype=float),
+        }  # fmt: skip
     return assemble(registry, conditions, jobs, cells, n_populations, uns, layers)

@@ -74,9 +74,11 @@ def main(folder: str) -> None:
     wanted = [job.components(c["perturbation"]) for c in job.conditions]
     max_len = max(1, max(len(t) for t in tokens + wanted))
     pert_cols = [f"_cf_pert_{i}" for i in range(max_len)]
-    for i, col in enumerate(pert_cols):
-        train.obs[col] = pd.Categorical([t[i] if i < len(t) else control for t in tokens])
     seen = sorted({tok for t in tokens for tok in t})
+    for i, col in enumerate(pert_cols):  # every token a category of every column: a double's second token
+        # never sits in column 1 of the training singles, yet must be predicted there
+        values = [t[i] if i < len(t) else control for t in tokens]
+        train.obs[col] = pd.Categorical(values, categories=sorted({*seen, control}))
     eye = np.eye(len(seen), dtype=np.float32)
     train.uns["pert_onehot"] = {tok: eye[i] for i, tok in enumerate(seen)}
     train.uns["pert_onehot"][control] = np.zeros(len(seen), dtype=np.float32)

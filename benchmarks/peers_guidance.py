@@ -46,41 +46,51 @@ def dense_x(a: ad.AnnData) -> np.ndarray:
 
 
 def sweep(fold: peers.Fold, base: Path, scales: list[float | str]) -> list[dict]:
-    """Rows (fold, seed, scale, metric, value) for every trained PerturbDiff model of ``fold``."""
+    """Rows (fold, seed, scale, metric, value) for every trained PerturbDiff model of ``fold`` (all its
+    conditions; the shift ratio and cosine per condition, then averaged)."""
     from perturbdiff_scvi import PerturbDiff, tl
 
     rows = []
-    cond = fold.conditions[0]
+    label = fold.name if fold.task == "kang" else f"{fold.task}/{fold.name}"
+    pert_key = fold.keys["perturbation_key"]
     for model_dir in sorted(base.glob("perturbdiff_s*/model")):
         seed = int(model_dir.parent.name.split("_s")[-1])
         train = ad.read_h5ad(base / "train.h5ad")
         model = PerturbDiff.load(str(model_dir), adata=train)
-        preds = {}
-        for scale in scales:
-            p = model.predict_population(
-                str(cond["perturbation"]), contexts=str(cond["context"]), n_cells=int(cond["n_cells"]), seed=seed,
-                guidance_scale=scale,
-            )  # fmt: skip
-            for key in [k for k in fold.keys.values() if k]:
-                p.obs[key] = p.obs[key].astype(str)
-            preds[f"guidance {scale:g}" if scale != "auto" else "guidance auto"] = p
         real = fold.real[:, train.var_names].copy()
         control = fold.control[:, train.var_names]
+        preds, shifts = {}, {}
+        for scale in scales:
+            name = f"guidance {scale:g}" if scale != "auto" else "guidance auto"
+            parts = []
+            for cond in fold.conditions:
+                where = {"n_cells": int(cond["n_cells"]), "seed": seed, "guidance_scale": scale}
+                if cond.get("context") is not None:
+                    where["contexts"] = str(cond["context"])
+                if fold.batch_key and cond.get("batch") is not None:
+                    where["batches"] = str(cond["batch"])
+                p = model.predict_population(str(cond["perturbation"]), **where)
+                for key in [k for k in fold.keys.values() if k]:
+                    p.obs[key] = p.obs[key].astype(str)
+                parts.append(p)
+                truth = real[(real.obs[pert_key].astype(str) == str(cond["perturbation"])).to_numpy()]
+                true_shift = dense_x(truth).mean(0) - dense_x(control).mean(0)
+                shift = dense_x(p[:, train.var_names]).mean(0) - dense_x(control).mean(0)
+                ratio = np.linalg.norm(shift) / np.linalg.norm(true_shift)
+                cos = float(shift @ true_shift / (np.linalg.norm(shift) * np.linalg.norm(true_shift)))
+                shifts.setdefault(name, []).append((ratio, cos))
+            preds[name] = ad.concat(parts, index_unique="-") if len(parts) > 1 else parts[0]
         table = tl.evaluate(
             preds, real, control, pca_reference=train, baseline=None, n_pcs=peers.N_PCS, seed=seed, **fold.keys
         )
         table = table[table["metric"].isin(METRICS)]
-        for _, r in table.iterrows():
-            rows.append({"fold": fold.name, "seed": seed, "method": r["method"], "metric": r["metric"],
-                         "value": float(r["value"])})  # fmt: skip
-        true_shift = dense_x(real).mean(0) - dense_x(control).mean(0)
-        for name, p in preds.items():
-            shift = dense_x(p[:, train.var_names]).mean(0) - dense_x(control).mean(0)
-            ratio = np.linalg.norm(shift) / np.linalg.norm(true_shift)
-            cos = float(shift @ true_shift / (np.linalg.norm(shift) * np.linalg.norm(true_shift)))
+        for (method, metric), value in table.groupby(["method", "metric"])["value"].mean().items():
+            rows.append({"fold": label, "seed": seed, "method": method, "metric": metric, "value": float(value)})
+        for name, pairs in shifts.items():
+            ratio, cos = np.mean(pairs, axis=0)
             for metric, value in (("shift_ratio", ratio), ("shift_cosine", cos)):
-                rows.append({"fold": fold.name, "seed": seed, "method": name, "metric": metric, "value": float(value)})
-        print(f"{fold.name} seed {seed}: done", flush=True)
+                rows.append({"fold": label, "seed": seed, "method": name, "metric": metric, "value": float(value)})
+        print(f"{label} seed {seed}: done", flush=True)
     return rows
 
 
@@ -91,8 +101,9 @@ def summary(frame: pd.DataFrame) -> str:
     n_seeds = frame.groupby("fold")["seed"].nunique()
     mean = frame.groupby(["method", "metric", "seed"])["value"].mean().groupby(["method", "metric"]).mean()
     mean = mean.unstack("metric")[list(shown)].rename(columns=shown).round(3).reset_index()
+    tasks = sorted({f.split("/")[0] if "/" in f else "kang" for f in frame["fold"]})
     lines = [
-        "# Guidance per held-out cell type (Kang, trained PerturbDiff models of `results/peers`)",
+        f"# Guidance per held-out condition ({', '.join(tasks)}; trained PerturbDiff models of `results/peers`)",
         "",
         "Each trained model sampled again at each guidance scale (same seed); `tl.evaluate` as in "
         "`results/peers/summary.md`. Shift ratio: |mean(pred) - mean(ctrl)| / |mean(real) - mean(ctrl)| over the "
@@ -118,12 +129,14 @@ def main(argv=None) -> None:
     parser.add_argument("--scales", default="0,0.25,0.5,1")
     parser.add_argument("--out", default=str(HERE / "results" / "peers_guidance"))
     parser.add_argument("--n-top-genes", type=int, default=2000)
+    parser.add_argument("--tasks", default="kang", help="peers.py tasks whose folds to sweep (default kang)")
     args = parser.parse_args(argv)
     scales = [s if s == "auto" else float(s) for s in args.scales.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for fold in peers.folds("kang", None, args.n_top_genes):
+    all_folds = [f for task in args.tasks.split(",") for f in peers.folds(task, None, args.n_top_genes)]
+    for fold in all_folds:
         base = Path(args.jobs) / fold.folder
         if not list(base.glob("perturbdiff_s*/model")):
             print(f"{fold.name}: no trained PerturbDiff model under {base}; run peers.py first", flush=True)

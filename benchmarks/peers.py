@@ -250,6 +250,22 @@ def score(fold: Fold, out: Path, methods, seeds) -> tuple[pd.DataFrame, list[dic
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(), runs
 
 
+def merge(old: pd.DataFrame, old_runs: pd.DataFrame, new: pd.DataFrame, new_runs: pd.DataFrame):
+    """Results and runs of an earlier scoring with this one's replacing them per (task, fold, seed, method): a
+    method whose jobs are no longer on disk (or were not asked for) keeps its earlier rows, and a "missing" run
+    does not replace a finished one."""
+    key = ["task", "fold", "seed", "method"]
+
+    def keys(frame):
+        return frame[key].astype(str).apply(tuple, axis=1)
+
+    results = pd.concat([old[~keys(old).isin(set(keys(new)))], new], ignore_index=True)
+    found = new_runs[new_runs["status"] != "missing"]
+    runs = old_runs[~keys(old_runs).isin(set(keys(found)))]
+    missing = new_runs[(new_runs["status"] == "missing") & ~keys(new_runs).isin(set(keys(runs)))]
+    return results, pd.concat([runs, found, missing], ignore_index=True)
+
+
 def md(frame: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|---" * len(frame.columns) + "|"]
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in frame.itertuples(index=False)])
@@ -263,7 +279,8 @@ def summarise(results: pd.DataFrame, runs: pd.DataFrame, out: Path) -> str:
         "indistinguishable from real cells; pd = pearson_delta). Each cell: mean over the fold's conditions, then "
         "over folds, then mean ± sd over seeds; *folds* and *seeds* say what a method was run on (a seed counts "
         "only where it covers all of the method's folds). Train time: seconds per fold, each method in its own "
-        "process with the same thread count. **Bold**: best of the methods (baselines excluded).",
+        "process with the same thread count. **Bold**: best of the methods run on all of the task's folds "
+        "(baselines excluded).",
         "",
     ]
     metrics = [m for m, _, _ in SUMMARY]
@@ -286,7 +303,8 @@ def summarise(results: pd.DataFrame, runs: pd.DataFrame, out: Path) -> str:
             m for m in ["PerturbDiff", "PerturbDiff (guidance 0)", "CellFlow", "STATE", "scGen"] if m in mean.index
         ]
         order += [m for m in mean.index if m not in order]
-        methods_only = [m for m in order if m not in ("additive", "linear")]
+        widest = int(n_folds.groupby("method").max().max())  # bold only among the methods run on every fold
+        methods_only = [m for m in order if m not in ("additive", "linear") and int(n_folds[m].max()) == widest]
         rows = []
         for method in order:
             row = {"method": method, "folds": int(n_folds[method].max()), "seeds": int(n_seeds.get(method, 0))}
@@ -386,12 +404,8 @@ def main(argv=None) -> None:
         new = pd.concat([t for t, _ in scored], ignore_index=True)
         new_runs = pd.DataFrame([r for _, rs in scored for r in rs])
         results, runs = new, new_runs
-        if (out / "results.csv").exists():  # keep other tasks / folds / seeds scored earlier
-            old, old_runs = pd.read_csv(out / "results.csv"), pd.read_csv(out / "runs.csv")
-            key = ["task", "fold", "seed"]
-            fresh = set(map(tuple, new[key].drop_duplicates().to_numpy()))
-            results = pd.concat([old[~old[key].apply(tuple, axis=1).isin(fresh)], new], ignore_index=True)
-            runs = pd.concat([old_runs[~old_runs[key].apply(tuple, axis=1).isin(fresh)], new_runs], ignore_index=True)
+        if (out / "results.csv").exists():  # keep every other (task, fold, seed, method) scored earlier
+            results, runs = merge(pd.read_csv(out / "results.csv"), pd.read_csv(out / "runs.csv"), new, new_runs)
         results.to_csv(out / "results.csv", index=False)
         runs.to_csv(out / "runs.csv", index=False)
     print(summarise(results, runs, out))

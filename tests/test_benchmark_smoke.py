@@ -212,3 +212,28 @@ def test_peers_summary_counts_a_seed_only_where_it_covers_all_folds(tmp_path, mo
     assert "| PerturbDiff | 2 | 1 | 10 | **0.800 ± 0.000** |" in text  # seed 1 (fold a only) left out
     assert "| CellFlow | 2 | 2 | 15 | 0.600 ± 0.141 |" in text  # seeds 0 and 1: 0.5 and 0.7
     assert (tmp_path / "summary.md").read_text() == text
+
+
+@pytest.mark.skipif(not PEERS.exists(), reason="benchmarks/ is not shipped in the sdist")
+def test_peers_merge_keeps_methods_that_were_not_rescored(monkeypatch):
+    """Rescoring one method of a fold (the others' jobs gone from disk) replaces that method's rows only."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(PEERS.parent))
+    spec = importlib.util.spec_from_file_location("peers_benchmark", PEERS)
+    peers = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, peers)
+    spec.loader.exec_module(peers)
+    base = {"task": "kang", "fold": "CD4T", "seed": 0, "metric": "e_distance"}
+    old = pd.DataFrame([{**base, "method": "PerturbDiff", "value": 0.7}, {**base, "method": "CellFlow", "value": 0.2}])
+    new = pd.DataFrame([{**base, "method": "PerturbDiff", "value": 0.5}])
+    run = {"task": "kang", "fold": "CD4T", "seed": 0}
+    old_runs = pd.DataFrame(
+        [{**run, "method": m, "status": "ok", "train_seconds": 1.0} for m in ("PerturbDiff", "CellFlow")]
+    )
+    new_runs = pd.DataFrame([{**run, "method": "PerturbDiff", "status": "ok", "train_seconds": 2.0},
+                             {**run, "method": "CellFlow", "status": "missing"}])  # fmt: skip
+    results, runs = peers.merge(old, old_runs, new, new_runs)
+    assert dict(zip(results["method"], results["value"], strict=True)) == {"CellFlow": 0.2, "PerturbDiff": 0.5}
+    assert dict(zip(runs["method"], runs["status"], strict=True)) == {"CellFlow": "ok", "PerturbDiff": "ok"}
+    assert runs.loc[runs["method"] == "PerturbDiff", "train_seconds"].item() == 2.0

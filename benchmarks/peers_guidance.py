@@ -30,15 +30,9 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers
+from peers_ablations import METRICS  # the metrics (and their headers) of the ablation table
 
 HERE = Path(__file__).resolve().parent
-METRICS = {
-    "pearson_delta_top100_de": "pd top-100",
-    "pearson_delta": "pd all",
-    "e_distance": "E-distance",
-    "c2st_auroc": "C2ST",
-    "knn_mixing": "kNN mixing",
-}
 
 
 def dense_x(a: ad.AnnData) -> np.ndarray:

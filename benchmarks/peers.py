@@ -77,7 +77,7 @@ PEERS = {
     "scgen": (
         "scGen",
         "scgen",
-        'python -m venv {venv} && {venv}/bin/pip install "pertpy[scgen]==1.0.3" "jax[cpu]"',
+        'python -m venv {venv} && {venv}/bin/pip install "pertpy[scgen]==1.0.3" "jax[cpu]" "statsmodels<0.15"',
         "pertpy tl.Scgen, 100 epochs, early stopping",
     ),
 }

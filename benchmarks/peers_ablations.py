@@ -14,7 +14,11 @@ the defaults of ``benchmarks/results/peers`` (same fold, same seeds, same scorin
 - ``perturbdiff_control_skip_energy_only``: the same with ``mse_weight=0`` (the set energy alone, as STATE);
 - ``perturbdiff_bf16``: the defaults trained under ``precision="bf16-mixed"`` (more steps per CPU-second?);
 - ``perturbdiff_steps3000``, ``perturbdiff_steps6000``: the defaults trained 2x and 4x as long (1,500 steps is the
-  default): what more CPU-minutes buy.
+  default): what more CPU-minutes buy;
+- sample efficiency per CPU-minute (issue 27): ``perturbdiff_no_self_cond`` (``p_self_cond=0``: the one-step
+  sampler never feeds an estimate back, so every step trains the path it uses, and a step skips the extra forward
+  pass), ``perturbdiff_lr2e-3``, ``perturbdiff_lr3e-3`` (twice and three times the learning rate), ``perturbdiff_sets4_steps3000`` (half the sets per
+  step, twice the steps: the same cells seen, twice the updates).
 
 Run (2-core CPU; each ablation is one or three trainings of 3-8 minutes)::
 
@@ -46,6 +50,10 @@ ABLATIONS: dict[str, tuple[str, dict]] = {
     "perturbdiff_bf16": ("perturbdiff", {"precision": "bf16-mixed"}),
     "perturbdiff_steps3000": ("perturbdiff", {"max_steps": 3000}),
     "perturbdiff_steps6000": ("perturbdiff", {"max_steps": 6000}),
+    "perturbdiff_no_self_cond": ("perturbdiff", {"options": {"p_self_cond": 0.0}}),
+    "perturbdiff_lr2e-3": ("perturbdiff", {"train": {"lr": 2e-3}}),
+    "perturbdiff_lr3e-3": ("perturbdiff", {"train": {"lr": 3e-3}}),
+    "perturbdiff_sets4_steps3000": ("perturbdiff", {"max_steps": 3000, "train": {"sets_per_batch": 4}}),
 }
 METRICS = {
     "pearson_delta_top100_de": "pd top-100",
@@ -97,6 +105,7 @@ def main(argv=None) -> None:
     parser.add_argument("--venvs", default=str(Path.home() / "peers"))
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--only", default=",".join(ABLATIONS), help="comma-separated ablation names")
+    parser.add_argument("--jobs", type=int, default=1, help="trainings at a time (one per seed)")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -104,7 +113,7 @@ def main(argv=None) -> None:
         for name in args.only.split(","):
             method, settings = ABLATIONS[name]
             cmd = [sys.executable, str(HERE / "peers.py"), "--venvs", args.venvs, "--tasks", "kang"]
-            cmd += ["--folds", "kang=CD4T", "--methods", method, "--seeds", args.seeds, "--jobs", "1"]
+            cmd += ["--folds", "kang=CD4T", "--methods", method, "--seeds", args.seeds, "--jobs", str(args.jobs)]
             cmd += ["--out", str(RESULTS / "peers_ablations" / name), "--settings", json.dumps({method: settings})]
             subprocess.run(cmd, check=True)
     text = table(seeds)

@@ -5,7 +5,8 @@ so that PerturbDiff's train time is measured the way the peers' are, in a proces
 count. ``PerturbDiff.setup_anndata`` with the job's keys (``combination_delimiter`` for combinations),
 ``PerturbDiff(adata)`` and ``train()`` with the package defaults (``settings["max_steps"]`` overrides the step
 count, ``settings["options"]`` is a dict of :class:`~perturbdiff_scvi.model.DiffusionOptions` for an ablation,
-``settings["precision"]`` the trainer's precision, e.g. ``"bf16-mixed"``);
+``settings["precision"]`` the trainer's precision, e.g. ``"bf16-mixed"``, ``settings["train"]`` more keywords of
+``train()``, e.g. ``{"lr": 2e-3, "sets_per_batch": 4}``);
 ``predict_population`` with its defaults for ``pred.h5ad``, and ``guidance_scale=0`` from the same trained
 model as the variant ``PerturbDiff (guidance 0)``, and ``guidance_scale="auto"`` as ``PerturbDiff (guidance
 auto)``. The trained model is saved to ``<job folder>/model``.
@@ -20,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Job, pin_threads
 
-DEFAULTS = {"max_steps": None, "options": {}, "precision": None}
+DEFAULTS = {"max_steps": None, "options": {}, "precision": None, "train": {}}
 VARIANTS = {
     "PerturbDiff (guidance 0)": {"guidance_scale": 0.0},
     "PerturbDiff (guidance auto)": {"guidance_scale": "auto"},
@@ -52,6 +53,7 @@ def main(folder: str) -> None:
     model = PerturbDiff(train, options=DiffusionOptions(**s["options"]) if s["options"] else None)
     t0 = time.time()
     extra = {"precision": s["precision"]} if s["precision"] else {}
+    extra.update(s["train"])
     model.train(max_steps=s["max_steps"], enable_progress_bar=False, **extra)
     train_seconds = time.time() - t0
     s["train_steps"] = int(model.trainer.global_step)

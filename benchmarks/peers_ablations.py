@@ -17,15 +17,17 @@ the defaults of ``benchmarks/results/peers`` (same fold, same seeds, same scorin
   default): what more CPU-minutes buy;
 - sample efficiency per CPU-minute (issue 27): ``perturbdiff_no_self_cond`` (``p_self_cond=0``: the one-step
   sampler never feeds an estimate back, so every step trains the path it uses, and a step skips the extra forward
-  pass), ``perturbdiff_lr2e-3``, ``perturbdiff_lr3e-3`` (twice and three times the learning rate), ``perturbdiff_sets4_steps3000`` (half the sets per
-  step, twice the steps: the same cells seen, twice the updates).
+  pass), ``perturbdiff_lr2e-3``, ``perturbdiff_lr3e-3`` (twice and three times the learning rate),
+  ``perturbdiff_sets4_steps3000`` (half the sets per step, twice the steps: the same cells seen, twice the updates).
 
 Run (2-core CPU; each ablation is one or three trainings of 3-8 minutes)::
 
     python benchmarks/peers_ablations.py --venvs /work/peers --seeds 0
     python benchmarks/peers_ablations.py --table-only     # the table of what is on disk
+    python benchmarks/peers_ablations.py --venvs /work/peers --seeds 0,1,2 --jobs 2 --fold CD14+Mono \\
+        --only perturbdiff_lr2e-3                         # another held-out type: summary_CD14+Mono.md
 
-The table goes to ``benchmarks/results/peers_ablations/summary.md``.
+The table goes to ``benchmarks/results/peers_ablations/summary.md`` (``summary_<fold>.md`` for another fold).
 """
 
 from __future__ import annotations
@@ -65,13 +67,13 @@ METRICS = {
 SHOWN = ("PerturbDiff", "PerturbDiff (guidance 0)", "CellFlow")
 
 
-def rows(label: str, folder: Path, seeds: list[int]) -> list[dict]:
-    """One row per shown method of ``folder``'s CD4T fold: seed mean (± sd) of each metric and the train time."""
+def rows(label: str, folder: Path, seeds: list[int], fold: str = "CD4T") -> list[dict]:
+    """One row per shown method of ``folder``'s Kang ``fold``: seed mean (± sd) of each metric and the train time."""
     if not (folder / "results.csv").exists():
         return []
     res, runs = pd.read_csv(folder / "results.csv"), pd.read_csv(folder / "runs.csv")
-    res = res[(res.task == "kang") & (res.fold == "CD4T") & res.seed.isin(seeds)]
-    runs = runs[(runs.task == "kang") & (runs.fold == "CD4T") & runs.seed.isin(seeds)]
+    res = res[(res.task == "kang") & (res.fold == fold) & res.seed.isin(seeds)]
+    runs = runs[(runs.task == "kang") & (runs.fold == fold) & runs.seed.isin(seeds)]
     out = []
     for method in SHOWN:
         per_seed = res[res.method == method].pivot_table(index="seed", columns="metric", values="value")
@@ -86,15 +88,15 @@ def rows(label: str, folder: Path, seeds: list[int]) -> list[dict]:
     return out
 
 
-def table(seeds: list[int]) -> str:
-    found = rows("defaults (`results/peers`)", RESULTS / "peers", seeds)
+def table(seeds: list[int], fold: str = "CD4T") -> str:
+    found = rows("defaults (`results/peers`)", RESULTS / "peers", seeds, fold)
     for name in ABLATIONS:
-        found += rows(name, RESULTS / "peers_ablations" / name, seeds)
+        found += rows(name, RESULTS / "peers_ablations" / name, seeds, fold)
     frame = pd.DataFrame(found)
     head = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns) + "\n"
     body = "".join("| " + " | ".join(str(v) for v in r) + " |\n" for r in frame.itertuples(index=False))
     return (
-        f"Kang 2018, stimulated CD4T held out, seeds {','.join(map(str, seeds))}; `tl.evaluate` as in "
+        f"Kang 2018, stimulated {fold} held out, seeds {','.join(map(str, seeds))}; `tl.evaluate` as in "
         "`results/peers/summary.md`. Train times: ablations ran while other jobs shared the 2 cores, so they "
         "overstate.\n\n" + head + body
     )
@@ -105,6 +107,7 @@ def main(argv=None) -> None:
     parser.add_argument("--venvs", default=str(Path.home() / "peers"))
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--only", default=",".join(ABLATIONS), help="comma-separated ablation names")
+    parser.add_argument("--fold", default="CD4T", help="the Kang cell type held out (CD4T: the quickstart fold)")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at a time (one per seed)")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args(argv)
@@ -113,11 +116,21 @@ def main(argv=None) -> None:
         for name in args.only.split(","):
             method, settings = ABLATIONS[name]
             cmd = [sys.executable, str(HERE / "peers.py"), "--venvs", args.venvs, "--tasks", "kang"]
-            cmd += ["--folds", "kang=CD4T", "--methods", method, "--seeds", args.seeds, "--jobs", str(args.jobs)]
+            cmd += [
+                "--folds",
+                f"kang={args.fold}",
+                "--methods",
+                method,
+                "--seeds",
+                args.seeds,
+                "--jobs",
+                str(args.jobs),
+            ]
             cmd += ["--out", str(RESULTS / "peers_ablations" / name), "--settings", json.dumps({method: settings})]
             subprocess.run(cmd, check=True)
-    text = table(seeds)
-    (RESULTS / "peers_ablations" / "summary.md").write_text("# Peers ablations\n\n" + text)
+    text = table(seeds, args.fold)
+    name = "summary.md" if args.fold == "CD4T" else f"summary_{args.fold}.md"
+    (RESULTS / "peers_ablations" / name).write_text("# Peers ablations\n\n" + text)
     print(text)
 
 

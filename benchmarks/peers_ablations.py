@@ -67,7 +67,7 @@ METRICS = {
 SHOWN = ("PerturbDiff", "PerturbDiff (guidance 0)", "CellFlow")
 
 
-def rows(label: str, folder: Path, seeds: list[int], fold: str = "CD4T") -> list[dict]:
+def rows(label: str, folder: Path, seeds: list[int], fold: str) -> list[dict]:
     """One row per shown method of ``folder``'s Kang ``fold``: seed mean (± sd) of each metric and the train time."""
     if not (folder / "results.csv").exists():
         return []
@@ -88,7 +88,7 @@ def rows(label: str, folder: Path, seeds: list[int], fold: str = "CD4T") -> list
     return out
 
 
-def table(seeds: list[int], fold: str = "CD4T") -> str:
+def table(seeds: list[int], fold: str) -> str:
     found = rows("defaults (`results/peers`)", RESULTS / "peers", seeds, fold)
     for name in ABLATIONS:
         found += rows(name, RESULTS / "peers_ablations" / name, seeds, fold)
@@ -116,16 +116,8 @@ def main(argv=None) -> None:
         for name in args.only.split(","):
             method, settings = ABLATIONS[name]
             cmd = [sys.executable, str(HERE / "peers.py"), "--venvs", args.venvs, "--tasks", "kang"]
-            cmd += [
-                "--folds",
-                f"kang={args.fold}",
-                "--methods",
-                method,
-                "--seeds",
-                args.seeds,
-                "--jobs",
-                str(args.jobs),
-            ]
+            cmd += ["--folds", f"kang={args.fold}", "--methods", method]
+            cmd += ["--seeds", args.seeds, "--jobs", str(args.jobs)]
             cmd += ["--out", str(RESULTS / "peers_ablations" / name), "--settings", json.dumps({method: settings})]
             subprocess.run(cmd, check=True)
     text = table(seeds, args.fold)

@@ -547,6 +547,135 @@ def released_fingerprint(root: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+# ----------------------------------------------------------------------------------------- coin states
+# A step's cost depends on coins drawn inside it: the self-conditioning pass (both sides) and, released only, the
+# whole-batch condition dropout (a dropped batch skips the per-cell adaLN). The step times are therefore a mixture;
+# the median of a few steps lands on whichever mode was drawn more often. Each step's state is recorded (a forward
+# pre-hook on the denoiser) and the expected step time is sum_state P(state) x median(times of that state).
+
+
+def _state_timer(timer: Any, net_of: Any, state_of: Any) -> Any:
+    """``timer`` (a step-timer callback) that also records, per step, the denoiser calls' ``state_of(kwargs)``."""
+
+    class StateTimer(type(timer)):
+        def __init__(self):
+            super().__init__()
+            self.states: list[tuple] = []
+            self._calls: list = []
+
+        def on_train_start(self, trainer, pl_module):
+            net_of(pl_module).register_forward_pre_hook(
+                lambda _m, _args, kwargs: self._calls.append(state_of(kwargs)), with_kwargs=True
+            )
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self._calls.clear()
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            self.states.append(tuple(self._calls))
+
+    return StateTimer()
+
+
+def _state_name(calls: tuple) -> str:
+    """``"self-cond on"`` / ``"self-cond off"``, with ``", cond dropped"`` / ``", cond kept"`` on the released side."""
+    name = "self-cond " + ("on" if len(calls) > 1 else "off")
+    if calls and calls[0] is not None:
+        name += ", cond dropped" if calls[0] else ", cond kept"
+    return name
+
+
+def state_probabilities(p_self_cond: float, p_drop_cond: float | None) -> dict[str, float]:
+    """P(state) of one step; ``p_drop_cond=None`` for our side (a per-set dropout costs the same either way)."""
+    sc = {"self-cond on": p_self_cond, "self-cond off": 1 - p_self_cond}
+    if p_drop_cond is None:
+        return {k: v for k, v in sc.items() if v > 0}
+    out = {
+        f"{k}, cond {d}": v * (p_drop_cond if d == "dropped" else 1 - p_drop_cond)
+        for k, v in sc.items()
+        for d in ("dropped", "kept")
+    }
+    return {k: v for k, v in out.items() if v > 0}
+
+
+def expected_step(times: list[float], states: list[str], probs: dict[str, float]) -> float | None:
+    """``sum_state P(state) x median(times of state)``; ``None`` when a state of positive probability was not drawn."""
+    by_state: dict[str, list[float]] = {}
+    for t, s in zip(times, states, strict=True):
+        by_state.setdefault(s, []).append(t)
+    if any(s not in by_state for s in probs):
+        return None
+    return sum(p * statistics.median(by_state[s]) for s, p in probs.items())
+
+
+def sgemm_gflops(m: int = 512, k: int = 1024, n: int = 3072, repeats: int = 20) -> float:
+    """The float32 matmul rate of this process (the largest GEMM shape of a paper-config step), GFLOP/s."""
+    import torch
+
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * m * k * n * repeats / (time.perf_counter() - start) / 1e9
+
+
+def released_flops(pl_model: Any, batches: list, probs: dict[str, float], max_tries: int = 64) -> dict:
+    """FLOPs (matmuls and attention, ``torch.utils.flop_counter``) of one released step in each coin state."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class _NoModules:  # the released gene-embedding output breaks FlopCounterMode's module tracker
+        parents = {"Global"}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args):
+            return None
+
+    calls: list = []
+    hook = pl_model.model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: calls.append(kwargs["self_condition"].get("batch_emb") is None), with_kwargs=True
+    )
+    per_state: dict[str, float] = {}
+    try:
+        for i in range(max_tries):
+            calls.clear()
+            counter = FlopCounterMode(display=False)
+            counter.mod_tracker = _NoModules()
+            with counter:
+                d = pl_model._compute_loss(dict(batches[i % len(batches)]))
+                (d["loss"] * d["weights"]).mean().backward()
+            pl_model.zero_grad(set_to_none=True)
+            per_state.setdefault(_state_name(tuple(calls)), counter.get_total_flops())
+            if all(s in per_state for s in probs):
+                break
+    finally:
+        hook.remove()
+    missing = [s for s in probs if s not in per_state]
+    if missing:
+        raise RuntimeError(f"released FLOP count: states {missing} not drawn in {max_tries} steps")
+    return {"per_state": per_state, "expected": sum(p * per_state[s] for s, p in probs.items())}
+
+
+def ours_flops(model: Any, sets_per_batch: int) -> dict:
+    """FLOPs of one of our steps per self-conditioning state (``speed.training_flops`` with the coin fixed)."""
+    module = model.module
+    p = module.p_self_cond
+    per_state = {}
+    try:
+        for name, coin in (("self-cond off", 0.0), ("self-cond on", 1.0)):
+            module.p_self_cond = coin
+            per_state[name] = speed.training_flops(model, sets_per_batch)
+    finally:
+        module.p_self_cond = p
+    probs = state_probabilities(p, None)
+    return {"per_state": per_state, "expected": sum(q * per_state[s] for s, q in probs.items())}
+
+
 # ----------------------------------------------------------------------------------------- released side
 def released_batches(cfg: dict[str, Cfg], sizes: dict, sets_per_step: int, n_batches: int, seed: int = 0) -> list:
     """Batches as the released collate function returns them: per-cell covariates ``(B, S)``, counts / 10."""
@@ -647,7 +776,7 @@ def time_released(spec: dict) -> dict:
         def __getitem__(self, i: int) -> dict:
             return dict(batches[i % len(batches)])
 
-    timer = _pl_timer()
+    timer = _state_timer(_pl_timer(), lambda m: m.model, lambda kw: kw["self_condition"].get("batch_emb") is None)
     ema = cfg["lightning"].ema
     tr = cfg["trainer"]
     ema_callback = EMAWeightAveraging(decay=ema.decay, update_steps=ema.update_steps)
@@ -673,8 +802,10 @@ def time_released(spec: dict) -> dict:
     trainer.fit(pl_model, train_dataloaders=DataLoader(Batches(), batch_size=None, num_workers=0))
     wall = time.perf_counter() - start
     params = [p for m in (pl_model.model, pl_model.cov_encoder) for p in m.parameters() if p.requires_grad]
+    probs = state_probabilities(0.5, cfg["model"].p_drop_cond)  # released: ``th.rand(1) > 0.5`` self-cond coin
     return {
-        **_stats(timer.times, warmup),
+        **_stats(timer.times, warmup, [_state_name(c) for c in timer.states], probs),
+        "flops": released_flops(pl_model, batches, probs) if spec.get("count_flops") else None,
         "wall_s_per_step_incl_data": wall / max(1, len(timer.times)),
         "output_shape": list(out["x"].shape),
         "last_loss": float(trainer.callback_metrics["training_loss_step"]),
@@ -713,7 +844,7 @@ def time_ours(spec: dict) -> dict:
     make_timer = speed.make_timer
 
     def capturing_timer():
-        timers.append(make_timer())
+        timers.append(_state_timer(make_timer(), lambda m: m.module.denoiser, lambda kw: None))
         return timers[-1]
 
     speed.make_timer = capturing_timer  # same timer, kept so that the per-step times come back
@@ -730,13 +861,17 @@ def time_ours(spec: dict) -> dict:
         )
     finally:
         speed.make_timer = make_timer
-    module = row.pop("_model").module
+    model = row.pop("_model")
+    module = model.module
     den = module.denoiser
+    probs = state_probabilities(module.p_self_cond, None)
     n_hidden = den.x_embed.out_features
     import perturbdiff_scvi
 
     return {
-        **_stats(timers[0].times, spec["warmup"]),
+        **_stats(timers[0].times, spec["warmup"], [_state_name(c) for c in timers[0].states], probs),
+        "flops": ours_flops(model, spec["sets_per_step"]) if spec.get("count_flops") else None,
+        "sgemm_gflops": sgemm_gflops() if spec.get("count_flops") else None,
         "wall_s_per_step_incl_data": row["wall_s_per_step_incl_data"],
         "package_path": str(Path(perturbdiff_scvi.__file__).parent),
         "settings": {
@@ -764,14 +899,17 @@ def time_ours(spec: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- processes
-def _stats(times: list[float], warmup: int) -> dict:
-    measured = times[warmup:] or times
+def _stats(times: list[float], warmup: int, states: list[str], probs: dict[str, float]) -> dict:
+    measured, states = (times[warmup:], states[warmup:]) if len(times) > warmup else (times, states)
     return {
         "steps_timed": len(measured),
+        "s_per_step_expected": expected_step(measured, states, probs),
         "s_per_step": statistics.median(measured),
         "s_per_step_mean": statistics.fmean(measured),
         "s_per_step_iqr": float(np.subtract(*np.percentile(measured, [75, 25]))),
         "step_times": measured,
+        "step_states": states,
+        "state_probabilities": probs,
     }
 
 
@@ -823,22 +961,34 @@ def compare(args: argparse.Namespace) -> dict:
                     k: rows["ours"][0]["settings"][k]
                     for k in ("n_genes", "set_size", "n_hidden", "depth", "n_heads", "n_cov")
                 }
-            row = run_side(side, spec)
+            row = run_side(side, {**spec, "count_flops": r == 0 and args.flops})
             rows[side].append(row)
+            expected = row["s_per_step_expected"]
             print(
-                f"  round {r + 1} {side}: {row['s_per_step']:.4f} s/step (median of {row['steps_timed']})", flush=True
+                f"  round {r + 1} {side}: expected {expected if expected is None else round(expected, 4)} s/step, "
+                f"median {row['s_per_step']:.4f}, mean {row['s_per_step_mean']:.4f} (of {row['steps_timed']})",
+                flush=True,
             )
-    per_round = {k: [x["s_per_step"] for x in v] for k, v in rows.items()}
+    # The expectation over the coin states; the plain mean where a state was not drawn in a round.
+    per_round = {k: [x["s_per_step_expected"] or x["s_per_step_mean"] for x in v] for k, v in rows.items()}
     med = {k: statistics.median(v) for k, v in per_round.items()}
     ours, released = rows["ours"][0], rows["released"][0]
+    flops = {k: v[0]["flops"] for k, v in rows.items()} if args.flops else None
     return {
         "spec": {k: v for k, v in spec.items() if k != "sizes"},
         "rounds": args.rounds,
-        "s_per_step": per_round,
+        "s_per_step_expected": per_round,
+        "rounds_without_every_state": {k: sum(x["s_per_step_expected"] is None for x in v) for k, v in rows.items()},
+        "s_per_step": {k: [x["s_per_step"] for x in v] for k, v in rows.items()},
         "s_per_step_mean": {k: [x["s_per_step_mean"] for x in v] for k, v in rows.items()},
         "median_s_per_step": med,
         "speedup_ours_vs_released": med["released"] / med["ours"],
         "speedup_per_round": [a / b for a, b in zip(per_round["released"], per_round["ours"], strict=True)],
+        "speedup_of_medians": statistics.median(rows["released"][i]["s_per_step"] for i in range(args.rounds))
+        / statistics.median(rows["ours"][i]["s_per_step"] for i in range(args.rounds)),
+        "flops": flops,
+        "flop_ratio": flops["released"]["expected"] / flops["ours"]["expected"] if flops else None,
+        "sgemm_gflops": ours["sgemm_gflops"],
         "cells_per_s": {k: args.sets_per_step * args.set_size / v for k, v in med.items()},
         "settings": settings_table(ours["settings"], released["settings"]),
         "released": {k: released[k] for k in ("imports", "fingerprint", "output_shape", "overrides")},
@@ -866,9 +1016,13 @@ def markdown(report: dict) -> str:
         + f". Released `Cross_DiT` output shape {tuple(rel['output_shape'])} = (sets, cells, genes).",
         "",
         "One step = forward, loss, backward, clipping, AdamW, EMA update when due, timed from "
-        "`on_train_batch_start` to `on_train_batch_end` (data loading excluded). Median of "
+        "`on_train_batch_start` to `on_train_batch_end` (data loading excluded), "
         f"{c['spec']['steps']} steps after {c['spec']['warmup']} warm-up steps, each side in a fresh process, "
-        f"interleaved over {c['rounds']} rounds.",
+        f"interleaved over {c['rounds']} rounds. A step's cost depends on coins drawn in it (the self-conditioning "
+        "pass; released only, the whole-batch condition dropout, which skips the per-cell adaLN), so each step's "
+        "state is recorded and the **expected** s/step is sum over states of P(state) x median(steps in that state): "
+        "the cost per step of a long training. The median of all steps (reported before 2026-12-07) lands on "
+        "whichever mode was drawn more often.",
         "",
         "## Configuration",
         "",
@@ -881,23 +1035,50 @@ def markdown(report: dict) -> str:
         "",
         "## Seconds per step",
         "",
-        "| side | median s/step per round | mean s/step per round | median | cells/s |",
-        "|---|---|---|---|---|",
+        "| side | expected s/step per round | median s/step per round | mean s/step per round | expected (median of "
+        "rounds) | cells/s |",
+        "|---|---|---|---|---|---|",
     ]
     for side in ("released", "ours"):
         lines.append(
-            f"| {side} | {', '.join(f'{x:.4f}' for x in c['s_per_step'][side])} | "
+            f"| {side} | {', '.join(f'{x:.4f}' for x in c['s_per_step_expected'][side])} | "
+            f"{', '.join(f'{x:.4f}' for x in c['s_per_step'][side])} | "
             f"{', '.join(f'{x:.4f}' for x in c['s_per_step_mean'][side])} | {c['median_s_per_step'][side]:.4f} | "
             f"{c['cells_per_s'][side]:.0f} |"
         )
+    missing = c["rounds_without_every_state"]
     lines += [
         "",
-        f"Speed-up of ours over the released code (median released / median ours): "
+        f"Speed-up of ours over the released code (expected released / expected ours): "
         f"**{c['speedup_ours_vs_released']:.2f}x** (per round: "
         + ", ".join(f"{x:.2f}x" for x in c["speedup_per_round"])
-        + ").",
+        + f"; the ratio of the medians of all steps, the old statistic, would read {c['speedup_of_medians']:.2f}x)."
+        + (f" Rounds where a state was not drawn (their plain mean used): {missing}." if any(missing.values()) else ""),
         "",
     ]
+    if c["flops"]:
+        f = c["flops"]
+        lines += [
+            "## FLOPs per step",
+            "",
+            "Matmul and attention FLOPs of one step (forward and backward, `torch.utils.flop_counter`), per coin state "
+            "and expected; the rate is expected FLOPs / expected s/step.",
+            "",
+            "| side | GFLOP per state | expected GFLOP | GFLOP/s |",
+            "|---|---|---|---|",
+        ]
+        for side in ("released", "ours"):
+            per = ", ".join(f"{k}: {v / 1e9:.1f}" for k, v in f[side]["per_state"].items())
+            rate = f[side]["expected"] / c["median_s_per_step"][side] / 1e9
+            lines.append(f"| {side} | {per} | {f[side]['expected'] / 1e9:.1f} | {rate:.1f} |")
+        lines += [
+            "",
+            f"FLOP ratio released / ours: **{c['flop_ratio']:.2f}x**. This process's float32 matmul rate "
+            f"(512 x 1024 x 3072, the largest GEMM of a step): {c['sgemm_gflops']:.1f} GFLOP/s. A side whose rate is "
+            "near it spends its step in matmuls; an exact float32 speed-up beyond the FLOP ratio can only come "
+            "from the other side's overhead.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -917,6 +1098,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument(
         "--ours-precision", default=None, help="our precision, e.g. bf16-mixed (default float32, as released)"
+    )
+    parser.add_argument(
+        "--no-flops", dest="flops", action="store_false", help="skip the FLOP count of each side (first round)"
     )
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder for speed.md and speed.json")
     args = parser.parse_args(argv)

@@ -237,3 +237,30 @@ def test_peers_merge_keeps_methods_that_were_not_rescored(monkeypatch):
     assert dict(zip(results["method"], results["value"], strict=True)) == {"CellFlow": 0.2, "PerturbDiff": 0.5}
     assert dict(zip(runs["method"], runs["status"], strict=True)) == {"CellFlow": "ok", "PerturbDiff": "ok"}
     assert runs.loc[runs["method"] == "PerturbDiff", "train_seconds"].item() == 2.0
+
+
+def test_speed_released_expected_step_weights_the_coin_states(monkeypatch):
+    """The step time is a mixture over the coins drawn in a step: the expectation weights each state's median by its
+    probability, where the median of all steps lands on whichever state was drawn more often."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "speed_released.py"
+    if not script.exists():
+        pytest.skip("benchmarks/ is not shipped in the sdist")
+    monkeypatch.syspath_prepend(str(script.parent))  # it imports speed.py from its folder
+    spec = importlib.util.spec_from_file_location("speed_released_benchmark", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    ours = mod.state_probabilities(0.5, None)
+    assert ours == {"self-cond on": 0.5, "self-cond off": 0.5}
+    released = mod.state_probabilities(0.5, 0.5)
+    assert len(released) == 4 and abs(sum(released.values()) - 1) < 1e-12
+    assert mod._state_name((None, None)) == "self-cond on" and mod._state_name((None,)) == "self-cond off"
+    assert mod._state_name((True,)) == "self-cond off, cond dropped"
+    # 6 cheap steps and 2 dear ones at p = 1/2: the median says 2.0, the cost per step of a long run is 2.5.
+    times = [2.0] * 6 + [3.0] * 2
+    states = ["self-cond off"] * 6 + ["self-cond on"] * 2
+    assert mod.expected_step(times, states, ours) == pytest.approx(2.5)
+    assert mod.expected_step(times[:6], states[:6], ours) is None  # a state never drawn: no expectation
+    assert mod.expected_step([1.0], ["self-cond off"], mod.state_probabilities(0.0, None)) == 1.0

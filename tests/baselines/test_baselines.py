@@ -200,6 +200,35 @@ def test_additive_shift_recovers_held_out_mean(adata):
     assert np.abs(pooled.uns["baseline"]["shift"][10:15]).mean() > 0.1
 
 
+def test_additive_shift_kernel_takes_the_response_of_the_nearest_context():
+    # c1's controls sit next to c2's, c0's far away; the response is gene 0 in c0 and gene 1 in c1 (and c2).
+    ctrl_means = {"c0": [0.0, 0.0, 0.0, 5.0], "c1": [0.0, 0.0, 0.0, 1.0], "c2": [0.0, 0.0, 0.0, 1.1]}
+    rows, obs = [], []
+    for ctx, base in ctrl_means.items():
+        for i in range(6):
+            jitter = np.array([0.1, 0.1, 0.1, 0.0]) * (i % 2)
+            rows.append(np.asarray(base) + 1.0 + jitter)
+            obs.append(("ctrl", ctx))
+            if ctx != "c2":
+                effect = np.zeros(4)
+                effect[0 if ctx == "c0" else 1] = 2.0
+                rows.append(np.asarray(base) + 1.0 + jitter + effect)
+                obs.append(("A", ctx))
+    adata = AnnData(
+        np.asarray(rows, dtype=np.float32),
+        obs=pd.DataFrame(obs, columns=["pert", "ctx"], index=[f"c{i}" for i in range(len(obs))]),
+    )
+    kw = {"perturbation_key": "pert", "control_value": "ctrl", "context_key": "ctx"}
+    kernel = additive_shift_baseline(adata, "A", "c2", **kw, average="kernel")
+    weights = dict(zip(kernel.uns["baseline"]["other_contexts"], kernel.uns["baseline"]["weights"], strict=True))
+    assert weights["c1"] > 0.999 and weights["c0"] < 1e-3
+    np.testing.assert_allclose(kernel.uns["baseline"]["shift"], [0.0, 2.0, 0.0, 0.0], atol=1e-3)
+    mean = additive_shift_baseline(adata, "A", "c2", **kw)  # the plain mean splits the response over genes 0 and 1
+    np.testing.assert_allclose(mean.uns["baseline"]["shift"], [1.0, 1.0, 0.0, 0.0], atol=1e-5)
+    assert "weights" not in mean.uns["baseline"]
+    np.testing.assert_allclose(kernel.X, np.asarray(mean.X) + [-1.0, 1.0, 0.0, 0.0], atol=1e-3)  # same control draw
+
+
 def test_additive_shift_clips_at_zero(adata):
     neg = adata.copy()
     neg.X[mask(neg, "B"), :5] = 0.0  # B wipes out genes 0-4: a shift of minus their control level

@@ -156,7 +156,7 @@ def additive_shift_baseline(
     layer: str | None = None,
     n_cells: int | None = None,
     seed: int | None = 0,
-    average: Literal["contexts", "cells"] = "contexts",
+    average: Literal["contexts", "cells", "kernel"] = "contexts",
 ) -> AnnData:
     r"""Control cells of the context shifted by the perturbation's mean effect in the other contexts.
 
@@ -168,7 +168,11 @@ def additive_shift_baseline(
     .. math:: \Delta = \frac{1}{|C|} \sum_{c' \in C} \left( \bar x_{p, c'} - \bar x_{\mathrm{ctrl}, c'} \right)
 
     With ``average="cells"``, the cells of all those contexts are pooled (the scGen-style "delta"):
-    :math:`\Delta = \bar x_{p, C} - \bar x_{\mathrm{ctrl}, C}`. :math:`C` is the set of contexts other
+    :math:`\Delta = \bar x_{p, C} - \bar x_{\mathrm{ctrl}, C}`. With ``average="kernel"``, the per-context
+    shifts are weighted by how close each context's control cells are to those of ``context``,
+    :math:`w_{c'} = \exp(-(d_{c'} / \min_{c''} d_{c''})^2)` with :math:`d_{c'} = \lVert \bar x_{\mathrm{ctrl}, c'}
+    - \bar x_{\mathrm{ctrl}, c} \rVert` (the kernel of ``predict_population(guidance_scale="auto")``), so that
+    a held-out cell type takes the response of the types that resemble it. :math:`C` is the set of contexts other
     than ``context`` that have cells of ``perturbation`` and control cells; the control cells :math:`j_i`
     are the same draw as :func:`control_baseline` with the same seed. Predictions are dense: setting small
     values to 0 changes DES a lot (design notes, §2.3).
@@ -177,13 +181,14 @@ def additive_shift_baseline(
     ----------
     %(common_params)s
     average
-        ``"contexts"``: mean of the per-context shifts; ``"cells"``: shift of the pooled cell means.
+        ``"contexts"``: mean of the per-context shifts; ``"cells"``: shift of the pooled cell means;
+        ``"kernel"``: per-context shifts weighted by the closeness of the contexts' control means (see above).
 
     Returns
     -------
     %(returns)s
         ``uns["baseline"]`` also holds ``shift`` (:math:`\Delta`, float32 per gene), ``average`` and
-        ``other_contexts``.
+        ``other_contexts`` (and, for ``average="kernel"``, ``weights``: each other context's share of the shift).
 
     Raises
     ------
@@ -199,8 +204,8 @@ def additive_shift_baseline(
     >>> list(pred.uns["baseline"]["other_contexts"])  # the cell types the shift was estimated on
     ['B', 'CD14+Mono', ...]
     """
-    if average not in ("contexts", "cells"):
-        raise ValueError(f"average must be 'contexts' or 'cells', got {average!r}.")
+    if average not in ("contexts", "cells", "kernel"):
+        raise ValueError(f"average must be 'contexts', 'cells' or 'kernel', got {average!r}.")
     if context_key is None:
         raise ValueError("additive_shift_baseline needs other contexts to estimate the shift; context_key is None.")
     data = BaselineInput(
@@ -222,14 +227,23 @@ def additive_shift_baseline(
             f"The perturbation {perturbation!r} is seen in no other context with control cells (it has training "
             f"cells only in contexts without controls), so its shift cannot be estimated."
         )
-    if average == "contexts":
-        shift = np.mean(
+    weights = None
+    if average in ("contexts", "kernel"):
+        per_context = np.stack(
             [
                 mean_rows(data.x, pert_cells & (data.ctx == c)) - mean_rows(data.x, data.control & (data.ctx == c))
                 for c in others
-            ],
-            axis=0,
+            ]
         )
+        if average == "contexts":
+            shift = per_context.mean(axis=0)
+        else:
+            here = mean_rows(data.x, data.control & data.in_context)
+            dist = np.array([np.linalg.norm(mean_rows(data.x, data.control & (data.ctx == c)) - here) for c in others])
+            positive = dist[dist > 0]
+            weights = np.exp(-((dist / (positive.min() if positive.size else 1.0)) ** 2))
+            weights = weights / weights.sum()
+            shift = weights @ per_context
     else:
         in_others = np.isin(data.ctx, np.asarray(others, dtype=object))
         shift = mean_rows(data.x, pert_cells & in_others) - mean_rows(data.x, data.control & in_others)
@@ -240,6 +254,8 @@ def additive_shift_baseline(
         "other_contexts": np.asarray([str(c) for c in others], dtype=str),
         "shift": shift.astype(np.float32),
     }
+    if average == "kernel":
+        extra["weights"] = weights.astype(np.float32)
     return data.assemble("additive_shift", x, source, extra)
 
 

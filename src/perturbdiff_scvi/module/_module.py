@@ -214,7 +214,7 @@ class PerturbDiffModule(BaseModuleClass):
         """Noise each target set at its own timestep and predict it back (with self-conditioning)."""
         t = torch.randint(0, self.diffusion.n_timesteps, (x0.shape[0],), device=x0.device)  # one t per set
         x_t = self.diffusion.q_sample(x0, t, torch.randn_like(x0))
-        self_cond = torch.zeros_like(x0)
+        self_cond = None  # no estimate to feed back: the denoiser reads zeros
         if self.training and torch.rand(()) < self.p_self_cond:  # one coin per step, as released
             with torch.no_grad():
                 self_cond = self._x0(self.denoiser, x_t, t, x_ctrl, pert, ctx, batch, None, drop_cond)

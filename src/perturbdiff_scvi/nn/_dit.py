@@ -356,9 +356,11 @@ class SetDiT(nn.Module):
 
         Same arguments as :meth:`forward`, which applies the final layer to them.
         """
-        if self_cond is None:
-            self_cond = torch.zeros_like(x_t)
-        h = self.x_embed(torch.cat([x_t, self_cond], dim=-1)) + self.null_gene_embedding  # (B, S, H)
+        if self_cond is None:  # [x_t ; 0] @ W.T == x_t @ W[:, :G].T: skip the zero half (no concat, half the FLOPs)
+            h = F.linear(x_t, self.x_embed.weight[:, : self.n_genes], self.x_embed.bias)
+        else:
+            h = self.x_embed(torch.cat([x_t, self_cond], dim=-1))
+        h = h + self.null_gene_embedding  # (B, S, H)
         hc = self.ctrl_embed(x_ctrl) + self.null_gene_embedding  # (B, S, H)
         c = self.t_embed(t) + self.cov_embed(pert, ctx, batch, drop_cond)  # (B, H)
         for block in self.blocks:

@@ -30,17 +30,11 @@ import accuracy
 import numpy as np
 import pandas as pd
 from peers import N_PCS, dense, folds
+from peers_ablations import METRICS  # the metrics and labels of the ablation tables
 
 from perturbdiff_scvi import baselines, tl
 
 ROOT = Path(__file__).resolve().parent
-METRICS = {
-    "pearson_delta_top100_de": "pd top-100",
-    "pearson_delta": "pd all",
-    "e_distance": "E-distance",
-    "c2st_auroc": "C2ST",
-    "knn_mixing": "kNN mixing",
-}
 
 
 def _mean(x) -> np.ndarray:

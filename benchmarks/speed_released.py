@@ -21,11 +21,15 @@ What is compared
 
 Both are timed the same way: a callback from ``on_train_batch_start`` to ``on_train_batch_end`` of each step
 (data loading excluded; the LR-scheduler step, which Lightning runs after ``on_train_batch_end``, excluded on
-both sides), the first ``--warmup`` steps dropped, the median of the next ``--steps`` reported. Each side runs
-in a fresh process with ``--threads`` torch threads (``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` set too), the two
-interleaved over ``--rounds`` rounds (order swapped every round), so both see the same machine load. The
-speed-up is released / ours of the medians over rounds. The step time of both sides is a mixture (the
-self-conditioning coin, and the released condition-dropout coin), so use ``--steps`` >= 10.
+both sides), the first ``--warmup`` steps dropped. The step time of both sides is a mixture (the
+self-conditioning coin; on the released side also the whole-batch condition-dropout coin, which skips its per-cell
+adaLN), so each step's coin state is recorded and a round reports the *expected* s/step, sum over states of
+P(state) x the median of that state's steps (the plain mean where a state was not drawn; use ``--steps`` >= 16 so
+that the released side's four states are all drawn). Each side runs in a fresh process with ``--threads`` torch
+threads (``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` set too), the two interleaved over ``--rounds`` rounds (order
+swapped every round), so both see the same machine load. The speed-up is released / ours of the expectations'
+medians over rounds. In the first round each side also counts its FLOPs per step and state
+(``torch.utils.flop_counter``; ``--no-flops`` skips it).
 
 Inputs are synthetic: ``speed.synthetic_adata`` (sparse log1p expression, 4 perturbations + control, 2
 contexts). Ours trains on it as an AnnData; the released side gets sets of ``--set-size`` cells drawn from the

@@ -1095,7 +1095,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--genes", type=int, default=2000)
     parser.add_argument("--set-size", type=int, default=256, help="cells per set (S)")
     parser.add_argument("--sets-per-step", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per process")
+    parser.add_argument("--steps", type=int, default=16, help="timed steps per process (>= 16: every coin state)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps per process")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")

@@ -41,13 +41,13 @@ def _mean(x) -> np.ndarray:
     return np.asarray(x.mean(axis=0), dtype=np.float64).ravel()
 
 
-def nearest_shift(train, held_out: str) -> tuple[np.ndarray, str]:
+def nearest_shift(train, held_out: str) -> np.ndarray:
     """The mean shift (stimulated - control) of the training type whose control mean is nearest ``held_out``'s."""
     obs = train.obs
 
-    def mean(ct: str, cond: str) -> np.ndarray:
+    def mean(ct: str, cond: str) -> np.ndarray | None:
         rows = ((obs["cell_type"] == ct) & (obs["condition"] == cond)).to_numpy()
-        return np.asarray(train[rows].X.mean(axis=0), dtype=np.float64).ravel() if rows.any() else None
+        return _mean(train[rows].X) if rows.any() else None
 
     here = mean(held_out, accuracy.CONTROL)
     best = None
@@ -57,8 +57,8 @@ def nearest_shift(train, held_out: str) -> tuple[np.ndarray, str]:
             continue
         d = float(np.linalg.norm(ctrl - here))
         if best is None or d < best[0]:
-            best = (d, pert - ctrl, ct)
-    return best[1], best[2]
+            best = (d, pert - ctrl)
+    return best[1]
 
 
 def transfer(train, held_out: str, n_cells: int, seed: int, how: str):
@@ -68,10 +68,8 @@ def transfer(train, held_out: str, n_cells: int, seed: int, how: str):
         return baselines.additive_shift_baseline(
             train, accuracy.PERT, held_out, average="contexts" if how == "additive" else "kernel", **kw
         )
-    pred = baselines.control_baseline(train, accuracy.PERT, held_out, **kw)
-    shift, _ = nearest_shift(train, held_out)
-    x = np.asarray(pred.X.toarray() if hasattr(pred.X, "toarray") else pred.X, dtype=np.float32)
-    pred.X = np.maximum(x + shift.astype(np.float32), 0)
+    pred = dense(baselines.control_baseline(train, accuracy.PERT, held_out, **kw))
+    pred.X = np.maximum(pred.X + nearest_shift(train, held_out).astype(np.float32), 0)
     return pred
 
 

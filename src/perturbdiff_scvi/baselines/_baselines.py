@@ -229,17 +229,13 @@ def additive_shift_baseline(
         )
     weights = None
     if average in ("contexts", "kernel"):
-        per_context = np.stack(
-            [
-                mean_rows(data.x, pert_cells & (data.ctx == c)) - mean_rows(data.x, data.control & (data.ctx == c))
-                for c in others
-            ]
-        )
+        control_means = np.stack([mean_rows(data.x, data.control & (data.ctx == c)) for c in others])
+        per_context = np.stack([mean_rows(data.x, pert_cells & (data.ctx == c)) for c in others]) - control_means
         if average == "contexts":
             shift = per_context.mean(axis=0)
         else:
             here = mean_rows(data.x, data.control & data.in_context)
-            dist = np.array([np.linalg.norm(mean_rows(data.x, data.control & (data.ctx == c)) - here) for c in others])
+            dist = np.linalg.norm(control_means - here, axis=1)
             positive = dist[dist > 0]
             weights = np.exp(-((dist / (positive.min() if positive.size else 1.0)) ** 2))
             weights = weights / weights.sum()

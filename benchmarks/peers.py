@@ -200,12 +200,18 @@ def run_job(method: str, folder: Path, venvs: Path, timeout: int) -> str:
     return f"{folder.relative_to(folder.parents[2])}: rc={rc} in {time.time() - t0:.0f} s"
 
 
-def baseline(fold: Fold, cond: dict, seed: int) -> ad.AnnData:
+#: The baselines scored beside the methods (never bold): Norman's combinations get ``linear``, the other tasks the
+#: additive shift (mean of the other contexts' shifts) and the kernel transfer (those shifts weighted by how close
+#: each context's control cells are, ``additive_shift_baseline(average="kernel")``; docs/peers.md).
+BASELINES = ("additive", "kernel transfer", "linear")
+
+
+def baseline(fold: Fold, cond: dict, seed: int, average: str = "contexts") -> ad.AnnData:
     kw = {"control_value": accuracy.CONTROL, "n_cells": cond["n_cells"], "seed": seed, **fold.keys}
     if fold.task == "norman":
         return baselines.linear_baseline(fold.train, cond["perturbation"], None, combination_delimiter="+", **kw)
     return baselines.additive_shift_baseline(
-        fold.train, cond["perturbation"], cond["context"], batch_key=fold.batch_key, **kw
+        fold.train, cond["perturbation"], cond["context"], batch_key=fold.batch_key, average=average, **kw
     )
 
 
@@ -236,9 +242,10 @@ def score(fold: Fold, out: Path, methods, seeds) -> tuple[pd.DataFrame, list[dic
             for variant, file in result.get("variants", {}).items():
                 preds[variant] = ad.read_h5ad(folder / file)
                 runs.append({**row, "method": variant})
-        label = "linear" if fold.task == "norman" else "additive"
-        parts = [baseline(fold, c, seed) for c in fold.conditions]
-        preds[label] = ad.concat(parts, index_unique="-") if len(parts) > 1 else parts[0]
+        averages = {"additive": "contexts", "kernel transfer": "kernel"}
+        for label, average in ({"linear": "contexts"} if fold.task == "norman" else averages).items():
+            parts = [baseline(fold, c, seed, average) for c in fold.conditions]
+            preds[label] = ad.concat(parts, index_unique="-") if len(parts) > 1 else parts[0]
         for p in preds.values():  # evaluate matches conditions on these columns
             for key in [k for k in fold.keys.values() if k]:
                 p.obs[key] = p.obs[key].astype(str)
@@ -304,7 +311,7 @@ def summarise(results: pd.DataFrame, runs: pd.DataFrame, out: Path) -> str:
         ]
         order += [m for m in mean.index if m not in order]
         widest = int(n_folds.groupby("method").max().max())  # bold only among the methods run on every fold
-        methods_only = [m for m in order if m not in ("additive", "linear") and int(n_folds[m].max()) == widest]
+        methods_only = [m for m in order if m not in BASELINES and int(n_folds[m].max()) == widest]
         rows = []
         for method in order:
             row = {"method": method, "folds": int(n_folds[method].max()), "seeds": int(n_seeds.get(method, 0))}

@@ -215,6 +215,26 @@ def test_peers_summary_counts_a_seed_only_where_it_covers_all_folds(tmp_path, mo
 
 
 @pytest.mark.skipif(not PEERS.exists(), reason="benchmarks/ is not shipped in the sdist")
+def test_peers_summary_never_bolds_a_baseline(tmp_path, monkeypatch):
+    """The kernel transfer is scored beside the methods but, like the additive shift, never marked best."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(PEERS.parent))
+    spec = importlib.util.spec_from_file_location("peers_benchmark", PEERS)
+    peers = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, peers)
+    spec.loader.exec_module(peers)
+    values = {"PerturbDiff": 0.9, "CellFlow": 0.8, "kernel transfer": 0.95, "additive": 0.99}
+    rows = [{"task": "kang", "fold": "a", "seed": 0, "method": m, "metric": "pearson_delta", "value": v}
+            for m, v in values.items()]  # fmt: skip
+    runs = [{"task": "kang", "fold": "a", "seed": 0, "method": m, "train_seconds": 1.0, "status": "ok", "n_cannot": 0}
+            for m in values]  # fmt: skip
+    text = peers.summarise(pd.DataFrame(rows), pd.DataFrame(runs), tmp_path)
+    assert "| PerturbDiff | 1 | 1 | 1 | **0.900 ± 0.000** |" in text
+    assert "| kernel transfer | 1 | 1 | 1 | 0.950 ± 0.000 |" in text and "**0.950" not in text
+
+
+@pytest.mark.skipif(not PEERS.exists(), reason="benchmarks/ is not shipped in the sdist")
 def test_peers_merge_keeps_methods_that_were_not_rescored(monkeypatch):
     """Rescoring one method of a fold (the others' jobs gone from disk) replaces that method's rows only."""
     import importlib.util

@@ -188,16 +188,22 @@ def test_calibration_benchmark_learns_conformal_intervals_on_other_types(tmp_pat
 PEERS = SCRIPT.parent / "peers.py"
 
 
+def _load_peers(monkeypatch):
+    """benchmarks/peers.py as a module (it imports accuracy.py from its folder; its dataclasses look it up)."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(PEERS.parent))
+    spec = importlib.util.spec_from_file_location("peers_benchmark", PEERS)
+    peers = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, peers)
+    spec.loader.exec_module(peers)
+    return peers
+
+
 @pytest.mark.skipif(not PEERS.exists(), reason="benchmarks/ is not shipped in the sdist")
 def test_peers_summary_counts_a_seed_only_where_it_covers_all_folds(tmp_path, monkeypatch):
     """A seed run on one fold of two is left out of that method's row, not averaged with the complete seeds."""
-    import importlib.util
-
-    monkeypatch.syspath_prepend(str(PEERS.parent))  # peers.py imports accuracy.py from its folder
-    spec = importlib.util.spec_from_file_location("peers_benchmark", PEERS)
-    peers = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, peers)  # its dataclasses look their module up
-    spec.loader.exec_module(peers)
+    peers = _load_peers(monkeypatch)
     rows, runs = [], []
     values = {("PerturbDiff", 0, "a"): 0.9, ("PerturbDiff", 0, "b"): 0.7, ("PerturbDiff", 1, "a"): 0.1}
     values.update({("CellFlow", 0, "a"): 0.6, ("CellFlow", 0, "b"): 0.4, ("CellFlow", 1, "a"): 0.8})
@@ -217,13 +223,7 @@ def test_peers_summary_counts_a_seed_only_where_it_covers_all_folds(tmp_path, mo
 @pytest.mark.skipif(not PEERS.exists(), reason="benchmarks/ is not shipped in the sdist")
 def test_peers_summary_never_bolds_a_baseline(tmp_path, monkeypatch):
     """The kernel transfer is scored beside the methods but, like the additive shift, never marked best."""
-    import importlib.util
-
-    monkeypatch.syspath_prepend(str(PEERS.parent))
-    spec = importlib.util.spec_from_file_location("peers_benchmark", PEERS)
-    peers = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, peers)
-    spec.loader.exec_module(peers)
+    peers = _load_peers(monkeypatch)
     values = {"PerturbDiff": 0.9, "CellFlow": 0.8, "kernel transfer": 0.95, "additive": 0.99}
     rows = [{"task": "kang", "fold": "a", "seed": 0, "method": m, "metric": "pearson_delta", "value": v}
             for m, v in values.items()]  # fmt: skip
@@ -237,13 +237,7 @@ def test_peers_summary_never_bolds_a_baseline(tmp_path, monkeypatch):
 @pytest.mark.skipif(not PEERS.exists(), reason="benchmarks/ is not shipped in the sdist")
 def test_peers_merge_keeps_methods_that_were_not_rescored(monkeypatch):
     """Rescoring one method of a fold (the others' jobs gone from disk) replaces that method's rows only."""
-    import importlib.util
-
-    monkeypatch.syspath_prepend(str(PEERS.parent))
-    spec = importlib.util.spec_from_file_location("peers_benchmark", PEERS)
-    peers = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, peers)
-    spec.loader.exec_module(peers)
+    peers = _load_peers(monkeypatch)
     base = {"task": "kang", "fold": "CD4T", "seed": 0, "metric": "e_distance"}
     old = pd.DataFrame([{**base, "method": "PerturbDiff", "value": 0.7}, {**base, "method": "CellFlow", "value": 0.2}])
     new = pd.DataFrame([{**base, "method": "PerturbDiff", "value": 0.5}])

@@ -63,11 +63,46 @@ def response_size_target(means: dict, control_code: int, code: int, ctx: int) ->
         dists.append(np.linalg.norm(ctrl - here))
     if not sizes:
         return None
-    sizes, dists = np.asarray(sizes), np.asarray(dists)
+    weights = kernel_weights(np.asarray(dists))
+    return float(np.sum(weights * np.asarray(sizes)) / np.sum(weights))
+
+
+def kernel_weights(dists: np.ndarray) -> np.ndarray:
+    """``exp(-(d / d_min)^2)`` of distances between control means, ``d_min`` the smallest non-zero one."""
     positive = dists[dists > 0]
     scale = positive.min() if positive.size else 1.0
-    weights = np.exp(-((dists / scale) ** 2))
-    return float(np.sum(weights * sizes) / np.sum(weights))
+    return np.exp(-((dists / scale) ** 2))
+
+
+def reference_shifts(registry, n_perturbations: int, n_contexts: int) -> np.ndarray:
+    """The reference responses of ``DiffusionOptions(reference_shift=True)``, ``(n_perturbations, n_contexts, G)``.
+
+    Entry ``(p, c)`` is the mean response ``mean(p, c') - mean(control, c')`` of perturbation ``p`` over the training
+    contexts ``c' != c`` where it was measured (with control cells), weighted by :func:`kernel_weights` of the
+    distances between their control means and ``c``'s; 0 for the control, for a context without control cells and
+    for a perturbation measured in no other context.
+
+    Examples
+    --------
+    >>> ref = reference_shifts(model.registry_view, 2, 3)  # doctest: +SKIP
+    >>> ref[1, 2]  # doctest: +SKIP
+    >>> # the response of perturbation 1 in contexts 0 and 1, weighted by their closeness to context 2
+    """
+    means, _ = group_means(registry)
+    control = registry.control_code
+    out = np.zeros((n_perturbations, n_contexts, registry.matrix.shape[1]), dtype=np.float32)
+    shifts = {(p, c): m - means[(control, c)] for (p, c), m in means.items() if p != control and (control, c) in means}
+    for c in range(n_contexts):
+        if (control, c) not in means:
+            continue
+        here = means[(control, c)]
+        for p in {p for p, _ in shifts}:
+            others = [c2 for (p2, c2) in shifts if p2 == p and c2 != c]
+            if not others:
+                continue
+            weights = kernel_weights(np.array([np.linalg.norm(means[(control, c2)] - here) for c2 in others]))
+            out[p, c] = np.tensordot(weights / weights.sum(), np.stack([shifts[(p, c2)] for c2 in others]), axes=1)
+    return out
 
 
 def choose_guidance(

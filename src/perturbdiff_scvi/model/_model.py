@@ -32,6 +32,7 @@ from .._validation import optional_seed
 from ..data import SetDataSplitter
 from ..module import PerturbDiffModule
 from . import _io, _predict, _ranges, _setup, _train
+from ._auto_guidance import reference_shifts
 from ._embeddings import EmbeddingMixin
 from ._options import REMOVED_OPTIONS, DiffusionOptions, OutputOptions, SamplerOptions, split_deprecated
 from ._presets import DEFAULT_GUIDANCE_SCALE, check_hyperparameters
@@ -126,6 +127,10 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
         hparams = check_hyperparameters(**sizes, **dataclasses.asdict(options))
         ss = self.summary_stats
         vocab = self.registry_view.vocabulary
+        reference = None
+        if hparams.pop("reference_shift"):  # the leave-each-context-out reference responses of the training cells
+            n_labels, n_ctx = ss[f"n_{PDIFF_KEYS.PERT_KEY}"], ss[f"n_{PDIFF_KEYS.CONTEXT_KEY}"]
+            reference = torch.from_numpy(reference_shifts(self.registry_view, n_labels, n_ctx))
         self.module = self._module_cls(
             n_genes=ss.n_vars,
             n_perturbations=ss[f"n_{PDIFF_KEYS.PERT_KEY}"] if vocab is None else len(vocab.components),
@@ -135,6 +140,7 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
             perturbation_features=(
                 torch.from_numpy(vocab.features.to_numpy(copy=True)) if isinstance(vocab, FeatureVocabulary) else None
             ),
+            reference_shift=reference,
             **hparams,
         )
         n_params = sum(p.numel() for p in self.module.denoiser.parameters())

@@ -227,6 +227,7 @@ def sample_jobs(
             guidance_scale=options.guidance_scale,
             generator=gen,
             use_ema=options.use_ema,
+            codes=torch.tensor([cond.code for cond in conds]),
             **extra,
         )
         out.extend(x.cpu().numpy().reshape(len(chunk), s, -1))

@@ -66,4 +66,12 @@ def check_hyperparameters(**hp) -> dict:
             "control_skip=True adds the paired control cell to the denoiser's output and needs "
             f"preconditioning='none'; got preconditioning={hp['preconditioning']!r}."
         )
+    if not isinstance(hp["reference_shift"], bool):
+        raise ValueError(f"reference_shift must be True or False; got {hp['reference_shift']!r}.")
+    if hp["reference_shift"] and (hp["preconditioning"] != "none" or hp["control_skip"]):
+        raise ValueError(
+            "reference_shift=True adds the reference response to the denoiser's output and needs "
+            f"preconditioning='none' and control_skip=False; got preconditioning={hp['preconditioning']!r}, "
+            f"control_skip={hp['control_skip']!r}."
+        )
     return hp

@@ -74,6 +74,10 @@ class PerturbDiffModule(BaseModuleClass):
     control_skip
         ``False`` (released): the denoiser outputs ``x0``. ``True``: it outputs the change from the control cell
         each token is index-paired with, ``x0_i = relu(x_ctrl_i + F_i)`` (needs ``preconditioning="none"``).
+    reference_shift
+        Optional ``(n_labels, n_contexts, G)`` float table of reference responses (expression units): the
+        denoiser's output is then added to entry ``(perturbation code, context code)`` of its set, ``x0 = relu(F +
+        r)`` (needs ``preconditioning="none"`` and ``control_skip=False``). A buffer: saved with the weights.
     """
 
     def __init__(
@@ -106,12 +110,15 @@ class PerturbDiffModule(BaseModuleClass):
         ema_every: int = 1,
         context_embedding: bool = True,
         control_skip: bool = False,
+        reference_shift: torch.Tensor | None = None,
     ):
         super().__init__()
         if preconditioning not in ("none", "edm"):
             raise ValueError(f"preconditioning must be 'none' or 'edm'; got {preconditioning!r}.")
         if control_skip and preconditioning != "none":
             raise ValueError("control_skip=True needs preconditioning='none'.")
+        if reference_shift is not None and (control_skip or preconditioning != "none"):
+            raise ValueError("reference_shift needs preconditioning='none' and control_skip=False.")
         self.n_genes = n_genes
         self.set_size = set_size
         self.input_scale = input_scale
@@ -136,7 +143,7 @@ class PerturbDiffModule(BaseModuleClass):
             mlp_ratio=mlp_ratio,
             n_cov=n_cov,
             n_cov_hidden=n_cov_hidden,
-            nonnegative=preconditioning == "none" and not control_skip,
+            nonnegative=preconditioning == "none" and not control_skip and reference_shift is None,
             perturbation_features=perturbation_features,
             context_embedding=context_embedding,
         )
@@ -146,11 +153,18 @@ class PerturbDiffModule(BaseModuleClass):
         else:
             self.perturbation_components = None
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+        if reference_shift is not None:  # diffusion units, like the sets
+            self.register_buffer("reference_shift", torch.as_tensor(reference_shift, dtype=torch.float32) / input_scale)
+        else:
+            self.reference_shift = None
         self.diffusion = GaussianDiffusion(n_timesteps, beta_schedule)
 
-    def _x0(self, net, x_t: torch.Tensor, t: torch.Tensor, *condition) -> torch.Tensor:
-        """The clean estimate of ``net`` at ``(x_t, t)``, with the preconditioning applied."""
+    def _x0(self, net, x_t: torch.Tensor, t: torch.Tensor, *condition, ref: torch.Tensor | None = None) -> torch.Tensor:
+        """The clean estimate of ``net`` at ``(x_t, t)``, with the preconditioning (or the reference ``ref``,
+        ``(B, G)``) applied."""
         out = net(x_t, t, *condition)
+        if ref is not None:
+            return torch.relu(out + ref.unsqueeze(1).to(out.dtype))
         if self.control_skip:  # condition[0] is x_ctrl, index-paired with the cells of x_t
             return torch.relu(condition[0] + out)
         if self.preconditioning == "none":
@@ -163,8 +177,19 @@ class PerturbDiffModule(BaseModuleClass):
         return torch.relu(c_skip * (x_t / abar.sqrt()) + c_out * out)
 
     # ----------------------------------------------------------------- batch layout
+    def reference(self, codes: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor | None:
+        """The reference responses ``(B, G)`` of registered perturbation ``codes`` (``-1``: never registered, 0)
+        in contexts ``ctx``, or ``None`` without ``reference_shift``."""
+        if self.reference_shift is None:
+            return None
+        table = self.reference_shift
+        codes, ctx = codes.to(table.device).long(), ctx.to(table.device).long()
+        ref = table[codes.clamp(min=0), ctx]
+        return torch.where((codes >= 0).unsqueeze(-1), ref, torch.zeros_like(ref))
+
     def _unpack(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Flat ``[P1, C1, P2, C2, ...]`` rows -> perturbed ``(B, S, G)``, control ``(B, S, G)``, codes ``(B,)``."""
+        """Flat ``[P1, C1, P2, C2, ...]`` rows -> perturbed ``(B, S, G)``, control ``(B, S, G)``, codes ``(B,)``
+        (and the reference responses ``(B, G)`` with ``reference_shift``)."""
         x = tensors[PDIFF_KEYS.X_KEY]
         b = x.shape[0] // (2 * self.set_size)
         x = x.view(b, 2, self.set_size, -1) / self.input_scale
@@ -173,15 +198,14 @@ class PerturbDiffModule(BaseModuleClass):
             return tensors[key].reshape(b, 2, self.set_size)[:, 0, 0].long()
 
         pert = code(PDIFF_KEYS.PERT_KEY)
+        ctx = code(PDIFF_KEYS.CONTEXT_KEY)
+        ref = self.reference(pert, ctx)
         if self.perturbation_components is not None:
             pert = self.perturbation_components.to(pert.device)[pert]  # (B, K) component codes
-        return {
-            "x0": x[:, 0],
-            "x_ctrl": x[:, 1],
-            "pert": pert,
-            "ctx": code(PDIFF_KEYS.CONTEXT_KEY),
-            "batch": code(PDIFF_KEYS.BATCH_KEY),
-        }
+        out = {"x0": x[:, 0], "x_ctrl": x[:, 1], "pert": pert, "ctx": ctx, "batch": code(PDIFF_KEYS.BATCH_KEY)}
+        if ref is not None:
+            out["ref"] = ref
+        return out
 
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict[str, torch.Tensor]:
         # The one unpacking (and scaling by input_scale) of the batch per step: the target sets ride along in
@@ -190,11 +214,18 @@ class PerturbDiffModule(BaseModuleClass):
 
     @auto_move_data
     def inference(
-        self, x0: torch.Tensor, x_ctrl: torch.Tensor, pert: torch.Tensor, ctx: torch.Tensor, batch: torch.Tensor
+        self,
+        x0: torch.Tensor,
+        x_ctrl: torch.Tensor,
+        pert: torch.Tensor,
+        ctx: torch.Tensor,
+        batch: torch.Tensor,
+        ref: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The condition of each set; per-set classifier-free-guidance dropout is drawn here."""
         drop = torch.rand(pert.shape[0], device=pert.device) < self.p_drop_cond
-        return {"x0": x0, "x_ctrl": x_ctrl, "pert": pert, "ctx": ctx, "batch": batch, "drop_cond": drop}
+        out = {"x0": x0, "x_ctrl": x_ctrl, "pert": pert, "ctx": ctx, "batch": batch, "drop_cond": drop}
+        return out if ref is None else {**out, "ref": ref}
 
     def _get_generative_input(
         self, tensors: dict[str, torch.Tensor], inference_outputs: dict[str, torch.Tensor], **kwargs
@@ -210,15 +241,17 @@ class PerturbDiffModule(BaseModuleClass):
         ctx: torch.Tensor,
         batch: torch.Tensor,
         drop_cond: torch.Tensor,
+        ref: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Noise each target set at its own timestep and predict it back (with self-conditioning)."""
+        """Noise each target set at its own timestep and predict it back (with self-conditioning). The reference
+        ``ref`` is added in both the conditional and the dropped (classifier-free) passes."""
         t = torch.randint(0, self.diffusion.n_timesteps, (x0.shape[0],), device=x0.device)  # one t per set
         x_t = self.diffusion.q_sample(x0, t, torch.randn_like(x0))
         self_cond = None  # no estimate to feed back: the denoiser reads zeros
         if self.training and torch.rand(()) < self.p_self_cond:  # one coin per step, as released
             with torch.no_grad():
-                self_cond = self._x0(self.denoiser, x_t, t, x_ctrl, pert, ctx, batch, None, drop_cond)
-        x0_hat = self._x0(self.denoiser, x_t, t, x_ctrl, pert, ctx, batch, self_cond, drop_cond)
+                self_cond = self._x0(self.denoiser, x_t, t, x_ctrl, pert, ctx, batch, None, drop_cond, ref=ref)
+        x0_hat = self._x0(self.denoiser, x_t, t, x_ctrl, pert, ctx, batch, self_cond, drop_cond, ref=ref)
         return {"x0_hat": x0_hat, "t": t}
 
     def loss(
@@ -272,6 +305,7 @@ class PerturbDiffModule(BaseModuleClass):
         start_time: int | None = None,
         x0_max: torch.Tensor | float | None = None,
         step_callback: StepCallback | None = None,
+        codes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Generate perturbed sets ``(B, S, G)`` (expression scale) for controls ``x_ctrl`` ``(B, S, G)``.
 
@@ -286,18 +320,23 @@ class PerturbDiffModule(BaseModuleClass):
         :class:`~perturbdiff_scvi.diffusion.RangeMonitor`. The defaults (``n_steps``, ``guidance_scale``) are those
         of :meth:`~perturbdiff_scvi.model.PerturbDiff.predict_population`
         (:data:`~perturbdiff_scvi.diffusion.DEFAULT_N_STEPS`,
-        :data:`~perturbdiff_scvi.diffusion.DEFAULT_GUIDANCE_SCALE`).
+        :data:`~perturbdiff_scvi.diffusion.DEFAULT_GUIDANCE_SCALE`). ``codes``: the registered perturbation codes
+        ``(B,)`` (``-1``: never registered) that pick the reference responses of ``reference_shift``; ``None`` =
+        ``pert`` when it holds registered codes, else no reference.
         """
         net = self.ema if use_ema else self.denoiser
         device = next(net.parameters()).device
         x_ctrl = x_ctrl.to(device) / self.input_scale
         pert, ctx, batch = pert.to(device), ctx.to(device), batch.to(device)
+        if codes is None and pert.dim() == 1:
+            codes = pert
+        ref = None if codes is None else self.reference(codes, ctx)
         if self.perturbation_components is not None and pert.dim() == 1:
             pert = self.perturbation_components[pert]
         keep = torch.zeros(x_ctrl.shape[0], dtype=torch.bool, device=device)
 
         def denoise(x_t, t, self_cond, drop: bool):
-            return self._x0(net, x_t, t, x_ctrl, pert, ctx, batch, self_cond, keep | drop)
+            return self._x0(net, x_t, t, x_ctrl, pert, ctx, batch, self_cond, keep | drop, ref=ref)
 
         extra = {}
         if start_time is not None:

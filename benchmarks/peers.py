@@ -206,8 +206,12 @@ def run_job(method: str, folder: Path, venvs: Path, timeout: int) -> str:
 BASELINES = ("additive", "kernel transfer", "linear")
 
 
-def baseline(fold: Fold, cond: dict, seed: int, average: str = "contexts") -> ad.AnnData:
+def baseline(fold: Fold, cond: dict, seed: int, average: str | None = "contexts") -> ad.AnnData:
+    """The baseline prediction of ``cond``: on Norman the linear baseline of combinations (``average=None``), else
+    ``additive_shift_baseline`` with ``average``."""
     kw = {"control_value": accuracy.CONTROL, "n_cells": cond["n_cells"], "seed": seed, **fold.keys}
+    if (fold.task == "norman") != (average is None):
+        raise ValueError(f"average must be None on Norman (the linear baseline) and only there; got {average!r}.")
     if fold.task == "norman":
         return baselines.linear_baseline(fold.train, cond["perturbation"], None, combination_delimiter="+", **kw)
     return baselines.additive_shift_baseline(
@@ -243,7 +247,7 @@ def score(fold: Fold, out: Path, methods, seeds) -> tuple[pd.DataFrame, list[dic
                 preds[variant] = ad.read_h5ad(folder / file)
                 runs.append({**row, "method": variant})
         averages = {"additive": "contexts", "kernel transfer": "kernel"}
-        for label, average in ({"linear": "contexts"} if fold.task == "norman" else averages).items():
+        for label, average in ({"linear": None} if fold.task == "norman" else averages).items():
             parts = [baseline(fold, c, seed, average) for c in fold.conditions]
             preds[label] = ad.concat(parts, index_unique="-") if len(parts) > 1 else parts[0]
         for p in preds.values():  # evaluate matches conditions on these columns

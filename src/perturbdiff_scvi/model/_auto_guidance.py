@@ -25,11 +25,10 @@ from ._ranges import _chunks
 GUIDANCE_GRID: tuple[float, ...] = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0, 1.25, 1.5)
 
 
-def group_means(registry, ctx: np.ndarray | None = None) -> tuple[dict[tuple[int, int], np.ndarray], dict]:
+def group_means(registry) -> tuple[dict[tuple[int, int], np.ndarray], dict[tuple[int, int], int]]:
     """Mean expression and cell count of every (perturbation code, context code) of the training cells, batches
-    pooled (``ctx``: other group codes per cell instead of the contexts): one pass over the matrix in row blocks."""
-    pert, context, _ = registry.codes
-    ctx = context if ctx is None else ctx
+    pooled: one pass over the registered matrix in row blocks."""
+    pert, ctx, _ = registry.codes
     keys, inverse = np.unique(np.stack([pert, ctx], axis=1), axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
     sums = np.zeros((len(keys), registry.matrix.shape[1]))
@@ -75,39 +74,35 @@ def kernel_weights(dists: np.ndarray) -> np.ndarray:
     return np.exp(-((dists / scale) ** 2))
 
 
-def reference_shifts(registry, n_perturbations: int, n_contexts: int, n_batches: int) -> np.ndarray:
-    """The reference responses of ``DiffusionOptions(reference_shift=True)``, ``(n_perturbations, n_contexts,
-    n_batches, G)``.
+def reference_shifts(registry, n_perturbations: int, n_contexts: int) -> np.ndarray:
+    """The reference responses of ``DiffusionOptions(reference_shift=True)``, ``(n_perturbations, n_contexts, G)``.
 
-    Entry ``(p, c, b)`` is the mean response ``mean(p, g) - mean(control, g)`` of perturbation ``p`` over the
-    training groups ``g = (context, batch)`` other than ``(c, b)`` where it was measured (with control cells),
-    weighted by :func:`kernel_weights` of the distances between their control means and ``(c, b)``'s; 0 for the
-    control, for a group without control cells and for a perturbation measured in no other group. Without a batch
-    key the groups are the contexts.
+    Entry ``(p, c)`` is the mean response ``mean(p, c') - mean(control, c')`` of perturbation ``p`` over the training
+    contexts ``c' != c`` where it was measured (with control cells), weighted by :func:`kernel_weights` of the
+    distances between their control means and ``c``'s; 0 for the control, for a context without control cells and
+    for a perturbation measured in no other context.
 
     Examples
     --------
-    >>> ref = reference_shifts(model.registry_view, 2, 3, 1)  # doctest: +SKIP
-    >>> ref[1, 2, 0]  # doctest: +SKIP
+    >>> ref = reference_shifts(model.registry_view, 2, 3)  # doctest: +SKIP
+    >>> ref[1, 2]  # doctest: +SKIP
     >>> # the response of perturbation 1 in contexts 0 and 1, weighted by their closeness to context 2
     """
-    pert, ctx, batch = registry.codes
-    group = ctx.astype(np.int64) * n_batches + batch.astype(np.int64)  # one code per (context, batch)
-    means, _ = group_means(registry, group)
+    means, _ = group_means(registry)
     control = registry.control_code
-    out = np.zeros((n_perturbations, n_contexts * n_batches, registry.matrix.shape[1]), dtype=np.float32)
-    shifts = {(p, g): m - means[(control, g)] for (p, g), m in means.items() if p != control and (control, g) in means}
-    for g in {g for _, g in means}:
-        if (control, g) not in means:
+    out = np.zeros((n_perturbations, n_contexts, registry.matrix.shape[1]), dtype=np.float32)
+    shifts = {(p, c): m - means[(control, c)] for (p, c), m in means.items() if p != control and (control, c) in means}
+    for c in range(n_contexts):
+        if (control, c) not in means:
             continue
-        here = means[(control, g)]
+        here = means[(control, c)]
         for p in {p for p, _ in shifts}:
-            others = [g2 for (p2, g2) in shifts if p2 == p and g2 != g]
+            others = [c2 for (p2, c2) in shifts if p2 == p and c2 != c]
             if not others:
                 continue
-            weights = kernel_weights(np.array([np.linalg.norm(means[(control, g2)] - here) for g2 in others]))
-            out[p, g] = np.tensordot(weights / weights.sum(), np.stack([shifts[(p, g2)] for g2 in others]), axes=1)
-    return out.reshape(n_perturbations, n_contexts, n_batches, -1)
+            weights = kernel_weights(np.array([np.linalg.norm(means[(control, c2)] - here) for c2 in others]))
+            out[p, c] = np.tensordot(weights / weights.sum(), np.stack([shifts[(p, c2)] for c2 in others]), axes=1)
+    return out
 
 
 def choose_guidance(

@@ -130,8 +130,7 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
         reference = None
         if hparams.pop("reference_shift"):  # the leave-each-context-out reference responses of the training cells
             n_labels, n_ctx = ss[f"n_{PDIFF_KEYS.PERT_KEY}"], ss[f"n_{PDIFF_KEYS.CONTEXT_KEY}"]
-            n_batch = ss[f"n_{PDIFF_KEYS.BATCH_KEY}"]
-            reference = torch.from_numpy(reference_shifts(self.registry_view, n_labels, n_ctx, n_batch))
+            reference = torch.from_numpy(reference_shifts(self.registry_view, n_labels, n_ctx))
         self.module = self._module_cls(
             n_genes=ss.n_vars,
             n_perturbations=ss[f"n_{PDIFF_KEYS.PERT_KEY}"] if vocab is None else len(vocab.components),

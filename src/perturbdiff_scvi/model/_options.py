@@ -78,12 +78,12 @@ class DiffusionOptions:
         ``False`` (released). ``True`` (not in the released method): the denoiser's output is added to a reference
         response, ``x0 = relu(F + r(p, c))``, so that the network learns only how the response of perturbation
         ``p`` in context ``c`` differs from it. ``r(p, c)`` is the mean response of ``p`` in the *other* training
-        (context, batch) groups, each weighted by how close its control cells are to this group's (``exp(-(d /
-        d_min)^2)``, the kernel of ``guidance_scale="auto"``), so a held-out context (or donor) starts from the
-        response of the groups it resembles, as a flow on control cells (CellFlow) inherits it. Training sets get
-        the same leave-their-group-out reference as a held-out group gets at prediction. It is 0 for the control,
-        for a perturbation measured in no other group (e.g. a dataset with one context and one batch, or an unseen
-        combination), and it needs ``preconditioning="none"`` and ``control_skip=False``.
+        contexts, each weighted by how close its control cells are to ``c``'s (``exp(-(d / d_min)^2)``, the kernel
+        of ``guidance_scale="auto"``), so a held-out context starts from the response of the contexts it resembles,
+        as a flow on control cells (CellFlow) inherits it. Training sets get the same leave-their-context-out
+        reference as a held-out context gets at prediction. It is 0 for the control, for a perturbation measured in
+        no other context (e.g. a single-context dataset, or an unseen combination), and it needs
+        ``preconditioning="none"`` and ``control_skip=False``.
 
     Examples
     --------

@@ -75,9 +75,9 @@ class PerturbDiffModule(BaseModuleClass):
         ``False`` (released): the denoiser outputs ``x0``. ``True``: it outputs the change from the control cell
         each token is index-paired with, ``x0_i = relu(x_ctrl_i + F_i)`` (needs ``preconditioning="none"``).
     reference_shift
-        Optional ``(n_labels, n_contexts, n_batches, G)`` float table of reference responses (expression units):
-        the denoiser's output is then added to entry ``(perturbation, context, batch code)`` of its set, ``x0 =
-        relu(F + r)`` (needs ``preconditioning="none"`` and ``control_skip=False``). A buffer: saved with the weights.
+        Optional ``(n_labels, n_contexts, G)`` float table of reference responses (expression units): the
+        denoiser's output is then added to entry ``(perturbation code, context code)`` of its set, ``x0 = relu(F +
+        r)`` (needs ``preconditioning="none"`` and ``control_skip=False``). A buffer: saved with the weights.
     """
 
     def __init__(
@@ -177,14 +177,14 @@ class PerturbDiffModule(BaseModuleClass):
         return torch.relu(c_skip * (x_t / abar.sqrt()) + c_out * out)
 
     # ----------------------------------------------------------------- batch layout
-    def reference(self, codes: torch.Tensor, ctx: torch.Tensor, batch: torch.Tensor) -> torch.Tensor | None:
+    def reference(self, codes: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor | None:
         """The reference responses ``(B, G)`` of registered perturbation ``codes`` (``-1``: never registered, 0)
-        in contexts ``ctx`` and batches ``batch``, or ``None`` without ``reference_shift``."""
+        in contexts ``ctx``, or ``None`` without ``reference_shift``."""
         if self.reference_shift is None:
             return None
         table = self.reference_shift
-        codes, ctx, batch = (v.to(table.device).long() for v in (codes, ctx, batch))
-        ref = table[codes.clamp(min=0), ctx, batch]
+        codes, ctx = codes.to(table.device).long(), ctx.to(table.device).long()
+        ref = table[codes.clamp(min=0), ctx]
         return torch.where((codes >= 0).unsqueeze(-1), ref, torch.zeros_like(ref))
 
     def _unpack(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -198,11 +198,11 @@ class PerturbDiffModule(BaseModuleClass):
             return tensors[key].reshape(b, 2, self.set_size)[:, 0, 0].long()
 
         pert = code(PDIFF_KEYS.PERT_KEY)
-        ctx, batch = code(PDIFF_KEYS.CONTEXT_KEY), code(PDIFF_KEYS.BATCH_KEY)
-        ref = self.reference(pert, ctx, batch)
+        ctx = code(PDIFF_KEYS.CONTEXT_KEY)
+        ref = self.reference(pert, ctx)
         if self.perturbation_components is not None:
             pert = self.perturbation_components.to(pert.device)[pert]  # (B, K) component codes
-        out = {"x0": x[:, 0], "x_ctrl": x[:, 1], "pert": pert, "ctx": ctx, "batch": batch}
+        out = {"x0": x[:, 0], "x_ctrl": x[:, 1], "pert": pert, "ctx": ctx, "batch": code(PDIFF_KEYS.BATCH_KEY)}
         if ref is not None:
             out["ref"] = ref
         return out
@@ -330,7 +330,7 @@ class PerturbDiffModule(BaseModuleClass):
         pert, ctx, batch = pert.to(device), ctx.to(device), batch.to(device)
         if codes is None and pert.dim() == 1:
             codes = pert
-        ref = None if codes is None else self.reference(codes, ctx, batch)
+        ref = None if codes is None else self.reference(codes, ctx)
         if self.perturbation_components is not None and pert.dim() == 1:
             pert = self.perturbation_components[pert]
         keep = torch.zeros(x_ctrl.shape[0], dtype=torch.bool, device=device)

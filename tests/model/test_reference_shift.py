@@ -73,3 +73,12 @@ def test_reference_shift_saves_loads_and_checks_its_options(scvi_module, setup_a
     loaded = PerturbDiff.load(tmp_path / "model", adata=setup_adata.copy())
     torch.testing.assert_close(loaded.module.reference_shift, model.module.reference_shift)
     np.testing.assert_array_equal(a.X, loaded.predict_population("B", contexts="c0", n_cells=9, seed=3, n_steps=2).X)
+
+
+def test_reference_table_too_large_is_a_clear_error(scvi_module, setup_adata, monkeypatch):
+    from perturbdiff_scvi import PerturbDiff
+    from perturbdiff_scvi.model import _model
+
+    monkeypatch.setattr(_model, "MAX_REFERENCE_VALUES", 10)  # 3 perturbations x 2 contexts x 30 genes = 180
+    with pytest.raises(ValueError, match="needs a table of 3 perturbations x 2 contexts x 30 genes"):
+        PerturbDiff(setup_adata, **tiny(reference_shift=True))

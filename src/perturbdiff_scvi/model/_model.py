@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from mudata import MuData
 
 logger = logging.getLogger(__name__)
+#: Largest reference-response table (float32 values) that ``DiffusionOptions(reference_shift=True)`` builds.
+MAX_REFERENCE_VALUES = 250_000_000
 
 
 class PerturbDiff(EmbeddingMixin, BaseModelClass):
@@ -130,6 +132,12 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
         reference = None
         if hparams.pop("reference_shift"):  # the leave-each-context-out reference responses of the training cells
             n_labels, n_ctx = ss[f"n_{PDIFF_KEYS.PERT_KEY}"], ss[f"n_{PDIFF_KEYS.CONTEXT_KEY}"]
+            if n_labels * n_ctx * ss.n_vars > MAX_REFERENCE_VALUES:
+                raise ValueError(
+                    f"reference_shift=True needs a table of {n_labels} perturbations x {n_ctx} contexts x "
+                    f"{ss.n_vars} genes ({n_labels * n_ctx * ss.n_vars * 4 / 1e9:.1f} GB), more than the "
+                    f"{MAX_REFERENCE_VALUES * 4 / 1e9:.1f} GB allowed; use fewer genes or reference_shift=False."
+                )
             reference = torch.from_numpy(reference_shifts(self.registry_view, n_labels, n_ctx))
         self.module = self._module_cls(
             n_genes=ss.n_vars,

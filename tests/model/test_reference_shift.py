@@ -7,7 +7,7 @@ import pytest
 import torch
 from _helpers import TINY_TRAIN, make_perturbation_adata, tiny
 
-from perturbdiff_scvi.model._auto_guidance import kernel_weights
+from perturbdiff_scvi._context_kernel import kernel_weights
 
 SETUP = {"perturbation_key": "pert", "control_value": "ctrl", "context_key": "ctx", "batch_key": "batch"}
 

@@ -9,6 +9,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._combinations import check_delimiter, split_combination
+from .._context_kernel import kernel_weights
 from .._output import population_adata
 from .._validation import check_distinct_keys, dense_rows, is_finite_number, optional_seed
 from ._common import (
@@ -235,9 +236,7 @@ def additive_shift_baseline(
             shift = per_context.mean(axis=0)
         else:
             here = mean_rows(data.x, data.control & data.in_context)
-            dist = np.linalg.norm(control_means - here, axis=1)
-            positive = dist[dist > 0]
-            weights = np.exp(-((dist / (positive.min() if positive.size else 1.0)) ** 2))
+            weights = kernel_weights(np.linalg.norm(control_means - here, axis=1))
             weights = weights / weights.sum()
             shift = weights @ per_context
     else:

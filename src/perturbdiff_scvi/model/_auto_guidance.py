@@ -18,6 +18,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from .._context_kernel import kernel_weights
 from ..diffusion import DEFAULT_GUIDANCE_SCALE
 from ._ranges import _chunks
 
@@ -65,13 +66,6 @@ def response_size_target(means: dict, control_code: int, code: int, ctx: int) ->
         return None
     weights = kernel_weights(np.asarray(dists))
     return float(np.sum(weights * np.asarray(sizes)) / np.sum(weights))
-
-
-def kernel_weights(dists: np.ndarray) -> np.ndarray:
-    """``exp(-(d / d_min)^2)`` of distances between control means, ``d_min`` the smallest non-zero one."""
-    positive = dists[dists > 0]
-    scale = positive.min() if positive.size else 1.0
-    return np.exp(-((dists / scale) ** 2))
 
 
 def reference_shifts(registry, n_perturbations: int, n_contexts: int) -> np.ndarray:

@@ -13,7 +13,8 @@ Run (after ``peers.py`` has trained PerturbDiff on the folds; a few minutes on 2
     python benchmarks/peers_guidance.py --jobs benchmarks/results/peers/jobs --scales 0,0.25,0.5,1,auto
 
 (``auto``: ``predict_population(guidance_scale="auto")``, the scale chosen per condition to match the response size
-of the perturbation in the training contexts nearest to this one.)
+of the perturbation in the training contexts nearest to this one.) ``--shift-pcs 0,50`` samples each scale also
+with ``OutputOptions(shift_pcs=50)`` (the mean shift kept on 50 principal axes of the training cells).
 
 Writes ``benchmarks/results/peers_guidance/{results.csv,summary.md}``.
 """
@@ -39,10 +40,12 @@ def dense_x(a: ad.AnnData) -> np.ndarray:
     return np.asarray(a.X.toarray() if hasattr(a.X, "toarray") else a.X, dtype=np.float64)
 
 
-def sweep(fold: peers.Fold, base: Path, scales: list[float | str]) -> list[dict]:
+def sweep(fold: peers.Fold, base: Path, scales: list[float | str], shift_pcs: list[int] = (0,)) -> list[dict]:
     """Rows (fold, seed, scale, metric, value) for every trained PerturbDiff model of ``fold`` (all its
-    conditions; the shift ratio and cosine per condition, then averaged)."""
+    conditions; the shift ratio and cosine per condition, then averaged); each scale also with
+    ``OutputOptions(shift_pcs=k)`` for every ``k > 0`` of ``shift_pcs``."""
     from perturbdiff_scvi import PerturbDiff, tl
+    from perturbdiff_scvi.model import OutputOptions
 
     rows = []
     label = fold.name if fold.task == "kang" else f"{fold.task}/{fold.name}"
@@ -54,11 +57,13 @@ def sweep(fold: peers.Fold, base: Path, scales: list[float | str]) -> list[dict]
         real = fold.real[:, train.var_names].copy()
         control = fold.control[:, train.var_names]
         preds, shifts = {}, {}
-        for scale in scales:
+        for scale, k in [(scale, k) for scale in scales for k in shift_pcs]:
             name = f"guidance {scale:g}" if scale != "auto" else "guidance auto"
+            name += f", shift on {k} PCs" if k else ""
             parts = []
             for cond in fold.conditions:
                 where = {"n_cells": int(cond["n_cells"]), "seed": seed, "guidance_scale": scale}
+                where["output_options"] = OutputOptions(shift_pcs=k) if k else None
                 if cond.get("context") is not None:
                     where["contexts"] = str(cond["context"])
                 if fold.batch_key and cond.get("batch") is not None:
@@ -88,7 +93,7 @@ def sweep(fold: peers.Fold, base: Path, scales: list[float | str]) -> list[dict]
     return rows
 
 
-def summary(frame: pd.DataFrame) -> str:
+def summary(frame: pd.DataFrame, source: str = "results/peers") -> str:
     shown = {**METRICS, "shift_ratio": "shift ratio", "shift_cosine": "shift cosine"}
     per = frame.groupby(["fold", "method", "metric"])["value"].mean().unstack("metric")[list(shown)]
     per = per.rename(columns=shown).round(3).reset_index()
@@ -97,7 +102,7 @@ def summary(frame: pd.DataFrame) -> str:
     mean = mean.unstack("metric")[list(shown)].rename(columns=shown).round(3).reset_index()
     tasks = sorted({f.split("/")[0] if "/" in f else "kang" for f in frame["fold"]})
     lines = [
-        f"# Guidance per held-out condition ({', '.join(tasks)}; trained PerturbDiff models of `results/peers`)",
+        f"# Guidance per held-out condition ({', '.join(tasks)}; trained PerturbDiff models of `{source}`)",
         "",
         "Each trained model sampled again at each guidance scale (same seed); `tl.evaluate` as in "
         "`results/peers/summary.md`. Shift ratio: |mean(pred) - mean(ctrl)| / |mean(real) - mean(ctrl)| over the "
@@ -124,8 +129,13 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(HERE / "results" / "peers_guidance"))
     parser.add_argument("--n-top-genes", type=int, default=2000)
     parser.add_argument("--tasks", default="kang", help="peers.py tasks whose folds to sweep (default kang)")
+    parser.add_argument(
+        "--shift-pcs", default="0", help="comma-separated OutputOptions(shift_pcs=k) to sample each scale with "
+        "(0: none, the default), e.g. 0,50",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     scales = [s if s == "auto" else float(s) for s in args.scales.split(",")]
+    shift_pcs = [int(k) for k in args.shift_pcs.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -135,12 +145,13 @@ def main(argv=None) -> None:
         if not list(base.glob("perturbdiff_s*/model")):
             print(f"{fold.name}: no trained PerturbDiff model under {base}; run peers.py first", flush=True)
             continue
-        rows += sweep(fold, base, scales)
+        rows += sweep(fold, base, scales, shift_pcs)
     if not rows:
         raise SystemExit(f"no trained PerturbDiff models under {args.jobs}")
     frame = pd.DataFrame(rows)
     frame.to_csv(out / "results.csv", index=False)
-    text = summary(frame)
+    jobs = Path(args.jobs).resolve()
+    text = summary(frame, str(jobs.parent.relative_to(HERE) if jobs.is_relative_to(HERE) else jobs.parent))
     (out / "summary.md").write_text(text)
     print(text)
 

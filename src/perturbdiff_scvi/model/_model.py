@@ -618,7 +618,7 @@ class PerturbDiff(EmbeddingMixin, BaseModelClass):
             How the reverse chain runs (sampler, ``start_time``, sets per forward pass, EMA weights, progress
             bar): :class:`~perturbdiff_scvi.model.SamplerOptions`; ``None`` = its defaults.
         output_options
-            What is done to the generated cells (value bound, zeros, bias correction, transport, counts):
+            What is done to the generated cells (value bound, bias correction, shift on PCs, zeros, transport, counts):
             :class:`~perturbdiff_scvi.model.OutputOptions`; ``None`` = its defaults.
         **deprecated_options
             The options' fields as flat keywords (``sampler=``, ``x0_bound=``, ``counts=``, ...), as in 0.1.0:

@@ -21,6 +21,7 @@ from ._counts import sample_counts
 from ._options import OutputOptions, SamplerOptions
 from ._ranges import x0_bound_value
 from ._registry import Registry
+from ._shift_pcs import check_shift_pcs, project_shifts
 from ._transport import check_transport, quantile_transport
 
 Sampler = Literal["ddim", "ddpm", "ddim_truncated"]
@@ -416,6 +417,7 @@ def predict(
     if not isinstance(counts, bool | np.bool_):
         raise ValueError(f"counts must be True or False; got {counts!r}.")
     transport = check_transport(output.transport)
+    shift_pcs = check_shift_pcs(output.shift_pcs, len(registry.var_names))
     source = ControlSource(registry, control_adata)
     if counts:
         source.load_counts(counts_layer)  # a missing or non-count layer fails here, before any sampling
@@ -447,6 +449,11 @@ def predict(
         regenerated = sample_with_scales(module, jobs, as_control, source, sampling, gen, x0_max, scales)
         cells = subtract_control_bias(jobs, conditions, cells, regenerated, source)
         if x0_max is not None:  # the correction may shift values up again: keep the documented bound
+            cells = [np.minimum(x, x0_max).astype(x.dtype) for x in cells]
+    if shift_pcs is not None:
+        axes = registry.principal_axes(shift_pcs)
+        cells = project_shifts(jobs_by_population(jobs), conditions, cells, source, axes)
+        if x0_max is not None:  # the projection may shift values up: keep the documented bound
             cells = [np.minimum(x, x0_max).astype(x.dtype) for x in cells]
     if zero_threshold is not None:
         from ..metrics import zero_small_values
@@ -486,6 +493,7 @@ def predict(
         "x0_bound": "None" if x0_bound is None else (x0_bound if isinstance(x0_max, np.ndarray) else float(x0_max)),
         "counts": "None" if not counts else str(counts_layer),
         "transport": transport,
+        "shift_pcs": "None" if shift_pcs is None else shift_pcs,
     }
     if scales is not None:  # what "auto" chose, one entry per condition (in the order they were requested)
         uns["auto_guidance"] = {

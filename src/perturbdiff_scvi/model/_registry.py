@@ -146,3 +146,16 @@ class Registry:
         from ..metrics import realistic_zero_threshold  # lazy: keeps metrics off import
 
         return realistic_zero_threshold(self.matrix)
+
+    @cached_property
+    def _axes(self) -> dict[int, np.ndarray]:
+        return {}
+
+    def principal_axes(self, k: int) -> np.ndarray:
+        """The top ``k`` principal axes ``(G, k)`` of the training matrix (``OutputOptions(shift_pcs=k)``), fitted
+        on first use for each ``k`` (:func:`~perturbdiff_scvi.model._shift_pcs.principal_axes`); not saved."""
+        if k not in self._axes:
+            from ._shift_pcs import principal_axes
+
+            self._axes[k] = principal_axes(self.matrix, k)
+        return self._axes[k]

@@ -174,8 +174,8 @@ class OutputOptions:
         axes of the training cells (``V``, fitted once per model on at most 20,000 of them), and every cell keeps
         its deviation from the population mean: ``x' = max(0, x - (I - V V^T) delta)``. This removes the model's
         per-gene error from the mean of genes the perturbation hardly moves, as a model on PCs (CellFlow) does by
-        construction; measured on two Kang folds with ``k = 50`` (docs, "PerturbDiff against CellFlow, STATE
-        and scGen").
+        construction; measured on the seven Kang folds and four other tasks with ``k = 50`` (docs,
+        "PerturbDiff against CellFlow, STATE and scGen").
     transport
         Not in the released method. ``"none"`` (default): the generated cells. ``"quantile"``: for each population,
         ``n`` distinct control cells of its (context, batch), each moved gene by gene onto the generated

@@ -14,7 +14,8 @@ Run (after ``peers.py`` has trained PerturbDiff on the folds; a few minutes on 2
 
 (``auto``: ``predict_population(guidance_scale="auto")``, the scale chosen per condition to match the response size
 of the perturbation in the training contexts nearest to this one.) ``--shift-pcs 0,50`` samples each scale also
-with ``OutputOptions(shift_pcs=50)`` (the mean shift kept on 50 principal axes of the training cells).
+with ``OutputOptions(shift_pcs=50)`` (the mean shift kept on 50 principal axes of the training cells), and
+``--pcs-anchors controls,training`` each such variant also with ``pcs_anchor="training"``.
 
 Writes ``benchmarks/results/peers_guidance/{results.csv,summary.md}``.
 """
@@ -40,10 +41,16 @@ def dense_x(a: ad.AnnData) -> np.ndarray:
     return np.asarray(a.X.toarray() if hasattr(a.X, "toarray") else a.X, dtype=np.float64)
 
 
-def sweep(fold: peers.Fold, base: Path, scales: list[float | str], shift_pcs: list[int] = (0,)) -> list[dict]:
+def sweep(
+    fold: peers.Fold,
+    base: Path,
+    scales: list[float | str],
+    shift_pcs: list[int] = (0,),
+    anchors: list[str] = ("controls",),
+) -> list[dict]:
     """Rows (fold, seed, scale, metric, value) for every trained PerturbDiff model of ``fold`` (all its
     conditions; the shift ratio and cosine per condition, then averaged); each scale also with
-    ``OutputOptions(shift_pcs=k)`` for every ``k > 0`` of ``shift_pcs``."""
+    ``OutputOptions(shift_pcs=k, pcs_anchor=a)`` for every ``k > 0`` of ``shift_pcs`` and ``a`` of ``anchors``."""
     from perturbdiff_scvi import PerturbDiff, tl
     from perturbdiff_scvi.model import OutputOptions
 
@@ -57,13 +64,15 @@ def sweep(fold: peers.Fold, base: Path, scales: list[float | str], shift_pcs: li
         real = fold.real[:, train.var_names].copy()
         control = fold.control[:, train.var_names]
         preds, shifts = {}, {}
-        for scale, k in [(scale, k) for scale in scales for k in shift_pcs]:
+        variants = [(s, k, a) for s in scales for k in shift_pcs for a in (anchors if k else ["controls"])]
+        for scale, k, anchor in variants:
             name = f"guidance {scale:g}" if scale != "auto" else "guidance auto"
             name += f", shift on {k} PCs" if k else ""
+            name += ", from the training mean" if k and anchor == "training" else ""
             parts = []
             for cond in fold.conditions:
                 where = {"n_cells": int(cond["n_cells"]), "seed": seed, "guidance_scale": scale}
-                where["output_options"] = OutputOptions(shift_pcs=k) if k else None
+                where["output_options"] = OutputOptions(shift_pcs=k, pcs_anchor=anchor) if k else None
                 if cond.get("context") is not None:
                     where["contexts"] = str(cond["context"])
                 if fold.batch_key and cond.get("batch") is not None:
@@ -133,6 +142,10 @@ def main(argv=None) -> None:
         "--shift-pcs", default="0", help="comma-separated OutputOptions(shift_pcs=k) to sample each scale with "
         "(0: none, the default), e.g. 0,50",
     )  # fmt: skip
+    parser.add_argument(
+        "--pcs-anchors", default="controls", help="comma-separated OutputOptions(pcs_anchor=...) for each "
+        "--shift-pcs k > 0: controls (the default), training",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     scales = [s if s == "auto" else float(s) for s in args.scales.split(",")]
     shift_pcs = [int(k) for k in args.shift_pcs.split(",")]
@@ -145,7 +158,7 @@ def main(argv=None) -> None:
         if not list(base.glob("perturbdiff_s*/model")):
             print(f"{fold.name}: no trained PerturbDiff model under {base}; run peers.py first", flush=True)
             continue
-        rows += sweep(fold, base, scales, shift_pcs)
+        rows += sweep(fold, base, scales, shift_pcs, args.pcs_anchors.split(","))
     if not rows:
         raise SystemExit(f"no trained PerturbDiff models under {args.jobs}")
     frame = pd.DataFrame(rows)

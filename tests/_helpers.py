@@ -24,7 +24,16 @@ def tiny(**kwargs) -> dict:
 
 
 SAMPLER_FIELDS = ("sampler", "start_time", "batch_size", "use_ema", "progress_bar")
-OUTPUT_FIELDS = ("x0_bound", "zero_threshold", "bias_correction", "shift_pcs", "transport", "counts", "counts_layer")
+OUTPUT_FIELDS = (
+    "x0_bound",
+    "zero_threshold",
+    "bias_correction",
+    "shift_pcs",
+    "pcs_anchor",
+    "transport",
+    "counts",
+    "counts_layer",
+)
 
 
 def predict_kwargs(**kwargs) -> dict:

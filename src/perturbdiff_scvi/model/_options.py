@@ -176,6 +176,14 @@ class OutputOptions:
         per-gene error from the mean of genes the perturbation hardly moves, as a model on PCs (CellFlow) does by
         construction; measured on the seven Kang folds and four other tasks with ``k = 50`` (docs,
         "PerturbDiff against CellFlow, STATE and scGen").
+    pcs_anchor
+        With ``shift_pcs``: where the projected shift is measured from. ``"controls"`` (default): the mean of the
+        population's (context, batch) control cells, as above. ``"training"``: the mean ``mu`` of the training cells
+        (the centre of the PCA), ``x' = max(0, x - (I - V V^T) (mean(x) - mu))``: the population mean is put on
+        the affine span of the axes, as a model decoding from the training PCs does, so the part of the held-out
+        context's control mean outside the axes is not carried into the prediction. On the seven Kang folds (three
+        seeds, ``reference_shift=True``, guidance 0) it gave pd top-100 0.947 against 0.941 and pd all 0.906
+        against 0.898.
     transport
         Not in the released method. ``"none"`` (default): the generated cells. ``"quantile"``: for each population,
         ``n`` distinct control cells of its (context, batch), each moved gene by gene onto the generated
@@ -201,6 +209,7 @@ class OutputOptions:
     zero_threshold: float | Literal["auto"] | None = None
     bias_correction: bool = False
     shift_pcs: int | None = None
+    pcs_anchor: Literal["controls", "training"] = "controls"
     transport: Literal["none", "quantile"] = "none"
     counts: bool = False
     counts_layer: str = "counts"

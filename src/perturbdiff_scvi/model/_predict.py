@@ -21,7 +21,7 @@ from ._counts import sample_counts
 from ._options import OutputOptions, SamplerOptions
 from ._ranges import x0_bound_value
 from ._registry import Registry
-from ._shift_pcs import check_shift_pcs, project_shifts
+from ._shift_pcs import check_pcs_anchor, check_shift_pcs, project_shifts
 from ._transport import check_transport, quantile_transport
 
 Sampler = Literal["ddim", "ddpm", "ddim_truncated"]
@@ -418,6 +418,7 @@ def predict(
         raise ValueError(f"counts must be True or False; got {counts!r}.")
     transport = check_transport(output.transport)
     shift_pcs = check_shift_pcs(output.shift_pcs, len(registry.var_names))
+    pcs_anchor = check_pcs_anchor(output.pcs_anchor, shift_pcs)
     source = ControlSource(registry, control_adata)
     if counts:
         source.load_counts(counts_layer)  # a missing or non-count layer fails here, before any sampling
@@ -451,8 +452,9 @@ def predict(
         if x0_max is not None:  # the correction may shift values up again: keep the documented bound
             cells = [np.minimum(x, x0_max).astype(x.dtype) for x in cells]
     if shift_pcs is not None:
-        axes = registry.principal_axes(shift_pcs)
-        cells = project_shifts(jobs_by_population(jobs), conditions, cells, source, axes)
+        axes, center = registry.principal_axes(shift_pcs, return_mean=True)
+        center = center if pcs_anchor == "training" else None
+        cells = project_shifts(jobs_by_population(jobs), conditions, cells, source, axes, center)
         if x0_max is not None:  # the projection may shift values up: keep the documented bound
             cells = [np.minimum(x, x0_max).astype(x.dtype) for x in cells]
     if zero_threshold is not None:
@@ -494,6 +496,7 @@ def predict(
         "counts": "None" if not counts else str(counts_layer),
         "transport": transport,
         "shift_pcs": "None" if shift_pcs is None else shift_pcs,
+        "pcs_anchor": pcs_anchor,
     }
     if scales is not None:  # what "auto" chose, one entry per condition (in the order they were requested)
         uns["auto_guidance"] = {

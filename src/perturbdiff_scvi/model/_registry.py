@@ -148,14 +148,15 @@ class Registry:
         return realistic_zero_threshold(self.matrix)
 
     @cached_property
-    def _axes(self) -> dict[int, np.ndarray]:
+    def _axes(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         return {}
 
-    def principal_axes(self, k: int) -> np.ndarray:
-        """The top ``k`` principal axes ``(G, k)`` of the training matrix (``OutputOptions(shift_pcs=k)``), fitted
-        on first use for each ``k`` (:func:`~perturbdiff_scvi.model._shift_pcs.principal_axes`); not saved."""
+    def principal_axes(self, k: int, *, return_mean: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """The top ``k`` principal axes ``(G, k)`` of the training matrix (``OutputOptions(shift_pcs=k)``), and with
+        ``return_mean`` the mean of the cells they were fitted on, fitted on first use for each ``k``
+        (:func:`~perturbdiff_scvi.model._shift_pcs.principal_axes`); not saved."""
         if k not in self._axes:
             from ._shift_pcs import principal_axes
 
-            self._axes[k] = principal_axes(self.matrix, k)
-        return self._axes[k]
+            self._axes[k] = principal_axes(self.matrix, k, return_mean=True)
+        return self._axes[k] if return_mean else self._axes[k][0]

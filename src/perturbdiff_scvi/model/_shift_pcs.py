@@ -7,6 +7,12 @@ hardly moves carries the model's per-gene error. With ``V`` the ``(G, k)`` axes 
 mean(controls)``, every cell becomes ``max(0, x - (I - V V^T) delta)``: the part of the shift outside the axes is
 removed, the cells' spread around their mean is not touched, so a distance on the training PCs (``k`` at least
 their number) is unchanged up to the clipping at 0.
+
+With ``OutputOptions(pcs_anchor="training")`` the anchor is the training cells' mean ``mu`` (the centre of the
+PCA) instead of the control pool: ``x' = max(0, x - (I - V V^T) (mean(x) - mu))`` puts the population mean on the
+affine span of the axes, exactly where a model that decodes its cells from the training PCs puts it (CellFlow's
+``reconstruct_pca``). The part of the held-out context's control mean outside the axes is then not carried into
+the prediction.
 """
 
 from __future__ import annotations
@@ -21,6 +27,22 @@ from ._ranges import _chunks
 MAX_PCA_CELLS = 20_000
 
 
+#: Where the shift that :func:`project_shifts` projects is measured from.
+PCS_ANCHORS = ("controls", "training")
+
+
+def check_pcs_anchor(value, shift_pcs: int | None) -> str:
+    """``pcs_anchor`` as one of :data:`PCS_ANCHORS`; ``"training"`` needs ``shift_pcs``."""
+    if not isinstance(value, str) or value not in PCS_ANCHORS:
+        raise ValueError(f"pcs_anchor must be one of {list(PCS_ANCHORS)}; got {value!r}.")
+    if value != "controls" and shift_pcs is None:
+        raise ValueError(
+            f"pcs_anchor={value!r} sets where shift_pcs measures the shift from, but shift_pcs is None; "
+            "pass OutputOptions(shift_pcs=50, pcs_anchor=...)."
+        )
+    return value
+
+
 def check_shift_pcs(value, n_genes: int) -> int | None:
     """``shift_pcs`` as an int in ``[1, n_genes)`` or ``None``; anything else raises a ``ValueError``."""
     if value is None:
@@ -33,9 +55,12 @@ def check_shift_pcs(value, n_genes: int) -> int | None:
     return int(value)
 
 
-def principal_axes(matrix, k: int, *, max_cells: int = MAX_PCA_CELLS, seed: int = 0) -> np.ndarray:
+def principal_axes(
+    matrix, k: int, *, max_cells: int = MAX_PCA_CELLS, seed: int = 0, return_mean: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """The top ``k`` principal axes ``(G, k)`` of the rows of ``matrix`` (at most ``max_cells`` of them, drawn
-    once with ``seed``), from scikit-learn's randomized PCA.
+    once with ``seed``), from scikit-learn's randomized PCA; with ``return_mean``, also the mean ``(G,)`` of those
+    rows (the centre of the PCA).
 
     Examples
     --------
@@ -56,19 +81,25 @@ def principal_axes(matrix, k: int, *, max_cells: int = MAX_PCA_CELLS, seed: int 
         start += len(block)
     x = np.concatenate(blocks)
     k = min(k, x.shape[0] - 1)
-    return PCA(k, svd_solver="randomized", random_state=seed).fit(x).components_.T
+    pca = PCA(k, svd_solver="randomized", random_state=seed).fit(x)
+    return (pca.components_.T, pca.mean_) if return_mean else pca.components_.T
 
 
-def project_shifts(populations: dict, conditions, cells: list[np.ndarray], source, axes: np.ndarray) -> list:
+def project_shifts(
+    populations: dict, conditions, cells: list[np.ndarray], source, axes: np.ndarray, center: np.ndarray | None = None
+) -> list:
     """Per population (``populations``: ``_predict.jobs_by_population``, the positions in ``cells`` of each
     (condition, population)): remove the part of its mean shift (its first ``n`` cells, those kept, against the mean of
-    its (context, batch) control pool) that lies outside ``axes``; returns new arrays."""
+    its (context, batch) control pool, or against ``center`` where given) that lies outside ``axes``; returns new
+    arrays."""
     out = list(cells)
     control_means: dict[tuple[int, int], np.ndarray] = {}
     for (ci, _), idx in populations.items():
         cond = conditions[ci]
         key = (cond.ctx, cond.batch)
-        if key not in control_means:
+        if center is not None:
+            control_means[key] = np.asarray(center, dtype=np.float64)
+        elif key not in control_means:
             control_means[key] = source.rows(*key, np.arange(len(source.pool(*key)))).mean(0, dtype=np.float64)
         kept = np.concatenate([cells[i] for i in idx])[: cond.n]
         delta = kept.mean(0, dtype=np.float64) - control_means[key]
